@@ -1,0 +1,662 @@
+"""Shared data layer: options, Algonauts 2023 layout, validation, ROIs, splits, image cache, atomic writes."""
+from __future__ import annotations
+
+import ast
+import io
+import json
+import os
+import pickle
+import re
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+# ---------------------------------------------------------------------------------------------
+# Errors: one clear line and a non-zero exit for bad input or bad options.
+# ---------------------------------------------------------------------------------------------
+
+
+class DataError(Exception):
+    """Bad or missing input data; scripts print the message as one line and exit 1."""
+
+
+class OptionsError(DataError):
+    """Unknown or unparsable command-line option."""
+
+
+def _one_line_excepthook(exc_type, exc, tb):
+    if issubclass(exc_type, DataError):
+        print(f"error: {exc}", file=sys.stderr)
+        return
+    sys.__excepthook__(exc_type, exc, tb)
+
+
+# ---------------------------------------------------------------------------------------------
+# Options: plain globals at the head of each script, overridable as --name=value / --config=file.
+# ---------------------------------------------------------------------------------------------
+
+_OPTION_TYPES = (bool, int, float, str, list, tuple, type(None))
+
+
+def _parse_value(text: str, default, name: str):
+    """Parse a command-line string into the type of the option's default."""
+    low = text.strip().lower()
+    if isinstance(default, bool):
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise OptionsError(f"--{name}={text}: expected true or false")
+    if isinstance(default, (list, tuple)):
+        if low in ("", "none", "[]"):
+            return type(default)()
+        if text.strip().startswith("["):
+            try:
+                items = ast.literal_eval(text)
+            except (ValueError, SyntaxError) as err:
+                raise OptionsError(f"--{name}={text}: not a valid list ({err})") from None
+        else:
+            items = [t.strip() for t in text.split(",") if t.strip()]
+        if default:
+            proto = default[0]
+            items = [_parse_value(str(t), proto, name) if isinstance(t, str) else t for t in items]
+        else:
+            items = [_literal_or_str(t) if isinstance(t, str) else t for t in items]
+        return type(default)(items)
+    if default is None:
+        return None if low == "none" else _literal_or_str(text)
+    try:
+        if isinstance(default, int):
+            return int(text)
+        if isinstance(default, float):
+            return float(text)
+    except ValueError:
+        raise OptionsError(f"--{name}={text}: expected {type(default).__name__}") from None
+    return text
+
+
+def _literal_or_str(text: str):
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def _coerce(value, default, name: str):
+    """Coerce a config-file value (JSON) to the option's type."""
+    if isinstance(value, str) and not isinstance(default, str):
+        return _parse_value(value, default, name)
+    if isinstance(default, bool) and not isinstance(value, bool):
+        raise OptionsError(f"{name}={value!r}: expected true or false")
+    if isinstance(default, float) and isinstance(value, int):
+        return float(value)
+    if isinstance(default, (list, tuple)) and isinstance(value, (list, tuple)):
+        return type(default)(value)
+    return value
+
+
+def apply_options(script_globals: dict, argv: list[str] | None = None) -> dict:
+    """Override a script's option globals from --config=FILE.json and --name=value; return the options.
+
+    The options are the script's plain-valued globals (bool/int/float/str/list/tuple/None) not
+    starting with '_'. Unknown names are an error that lists the valid ones.
+    """
+    sys.excepthook = _one_line_excepthook
+    argv = sys.argv[1:] if argv is None else argv
+    names = [k for k, v in script_globals.items()
+             if not k.startswith("_") and isinstance(v, _OPTION_TYPES)]
+    defaults = {k: script_globals[k] for k in names}
+    overrides: dict = {}
+    for arg in argv:
+        if arg in ("-h", "--help"):
+            print("options (override with --name=value or --config=FILE.json):")
+            for k in names:
+                print(f"  --{k}={defaults[k]!r}")
+            raise SystemExit(0)
+        match = re.fullmatch(r"--([A-Za-z_][A-Za-z0-9_]*)=(.*)", arg, flags=re.S)
+        if not match:
+            raise OptionsError(f"argument {arg!r} is not of the form --name=value; valid names: "
+                               + ", ".join(names))
+        key, text = match.groups()
+        if key == "config":
+            cfg_path = Path(text)
+            if not cfg_path.is_file():
+                raise OptionsError(f"--config={text}: file not found")
+            try:
+                cfg = json.loads(cfg_path.read_text())
+            except json.JSONDecodeError as err:
+                raise OptionsError(f"{cfg_path}: not valid JSON ({err})") from None
+            if not isinstance(cfg, dict):
+                raise OptionsError(f"{cfg_path}: expected a JSON object of option names to values")
+            for ck, cv in cfg.items():
+                if ck not in defaults:
+                    raise OptionsError(f"{cfg_path}: unknown option {ck!r}; valid options: " + ", ".join(names))
+                overrides[ck] = _coerce(cv, defaults[ck], ck)
+            continue
+        if key not in defaults:
+            raise OptionsError(f"unknown option --{key}; valid options: " + ", ".join(names))
+        overrides[key] = _parse_value(text, defaults[key], key)
+    script_globals.update(overrides)
+    return {k: script_globals[k] for k in names}
+
+
+# ---------------------------------------------------------------------------------------------
+# Atomic outputs with JSON sidecars.
+# ---------------------------------------------------------------------------------------------
+
+
+def sidecar_path(path) -> Path:
+    """The JSON sidecar that records how an output was made: '<name>.meta.json' beside it."""
+    path = Path(path)
+    return path.with_name(path.name + ".meta.json")
+
+
+def package_versions() -> dict:
+    """Versions of the packages a result depends on."""
+    import importlib.metadata as md
+    out = {"python": sys.version.split()[0]}
+    for pkg in ("torch", "torchvision", "numpy", "scipy", "scikit-learn"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    return obj
+
+
+def atomic_write(path, write_fn, *, mode: str = "wb", suffix: str | None = None) -> Path:
+    """Write via write_fn(file) to a temp file in the same folder, then rename over path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix or ".tmp")
+    try:
+        with os.fdopen(fd, mode) as fh:
+            write_fn(fh)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_sidecar(path, options: dict | None = None, **extra) -> Path:
+    """Write '<path>.meta.json' with the options, the producing script, time and package versions."""
+    meta = {
+        "file": Path(path).name,
+        "script": Path(sys.argv[0]).name if sys.argv and sys.argv[0] else None,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "options": options or {},
+        "packages": package_versions(),
+        **extra,
+    }
+    text = json.dumps(_jsonable(meta), indent=1)
+    return atomic_write(sidecar_path(path), lambda f: f.write(text), mode="w")
+
+
+def save_json(path, obj, options: dict | None = None, **extra) -> Path:
+    text = json.dumps(_jsonable(obj), indent=1)
+    atomic_write(path, lambda f: f.write(text), mode="w")
+    if options is not None:
+        write_sidecar(path, options, **extra)
+    return Path(path)
+
+
+def save_npy(path, array, options: dict | None = None, **extra) -> Path:
+    atomic_write(path, lambda f: np.save(f, np.asarray(array)), suffix=".tmp.npy")
+    if options is not None:
+        write_sidecar(path, options, **extra)
+    return Path(path)
+
+
+def save_npz(path, arrays: dict, options: dict | None = None, **extra) -> Path:
+    atomic_write(path, lambda f: np.savez_compressed(f, **arrays), suffix=".tmp.npz")
+    if options is not None:
+        write_sidecar(path, options, **extra)
+    return Path(path)
+
+
+def save_text(path, text: str, options: dict | None = None, **extra) -> Path:
+    atomic_write(path, lambda f: f.write(text), mode="w")
+    if options is not None:
+        write_sidecar(path, options, **extra)
+    return Path(path)
+
+
+def save_csv(path, rows: list[dict], options: dict | None = None, **extra) -> Path:
+    """Rows of dicts -> CSV (columns from the union of keys, first-seen order)."""
+    import csv
+    columns: list = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
+    return save_text(path, buf.getvalue(), options, **extra)
+
+
+def save_figure(path, fig, options: dict | None = None, dpi: int = 130, **extra) -> Path:
+    import matplotlib.pyplot as plt
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight"), suffix=".tmp.png")
+    plt.close(fig)
+    if options is not None:
+        write_sidecar(path, options, **extra)
+    return Path(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# ROIs.
+# ---------------------------------------------------------------------------------------------
+
+HEMISPHERES = ("lh", "rh")
+ROI_FAMILIES = ("prf-visualrois", "floc-bodies", "floc-faces", "floc-places", "floc-words", "streams")
+ROIS_BY_FAMILY = {
+    "prf-visualrois": ("V1v", "V1d", "V2v", "V2d", "V3v", "V3d", "hV4"),
+    "floc-bodies": ("EBA", "FBA-1", "FBA-2", "mTL-bodies"),
+    "floc-faces": ("OFA", "FFA-1", "FFA-2", "mTL-faces", "aTL-faces"),
+    "floc-places": ("OPA", "PPA", "RSC"),
+    "floc-words": ("OWFA", "VWFA-1", "VWFA-2", "mfs-words", "mTL-words"),
+    "streams": ("early", "midventral", "midlateral", "midparietal", "ventral", "lateral", "parietal"),
+}
+ROI_NAMES = tuple(r for fam in ROI_FAMILIES for r in ROIS_BY_FAMILY[fam])
+ROI_FAMILY_OF = {r: fam for fam in ROI_FAMILIES for r in ROIS_BY_FAMILY[fam]}
+ROI_GROUPS = {
+    "Early": ROIS_BY_FAMILY["prf-visualrois"],
+    "Higher": tuple(r for fam in ("floc-bodies", "floc-faces", "floc-places", "floc-words")
+                    for r in ROIS_BY_FAMILY[fam]),
+    "Anatomical": ROIS_BY_FAMILY["streams"],
+}
+
+
+def check_roi_names(names) -> list[str]:
+    """Strip names and check each is one of the 31 challenge ROIs (one-line error listing them otherwise)."""
+    out = []
+    for name in names:
+        name = str(name).strip()
+        if name not in ROI_FAMILY_OF:
+            raise DataError(f"unknown ROI {name!r}; valid ROIs: " + ", ".join(ROI_NAMES))
+        out.append(name)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Restricted unpickling of the official mapping_<family>.npy files (pickled dicts).
+# ---------------------------------------------------------------------------------------------
+
+_ALLOWED_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def __init__(self, file, source):
+        super().__init__(file)
+        self._source = source
+
+    def find_class(self, module, name):
+        if (module, name) not in _ALLOWED_GLOBALS:
+            raise DataError(f"{self._source}: refusing to unpickle {module}.{name}; a mapping file may "
+                            "hold only a dict of ints to strings")
+        import numpy._core.multiarray as multiarray
+        if name in ("_reconstruct", "scalar"):
+            return getattr(multiarray, name)
+        return getattr(np, name)
+
+
+def load_roi_mapping(path) -> dict[int, str]:
+    """Read an official mapping_<family>.npy (a pickled {int: ROI name} dict) without running code from it."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: mapping file not found")
+    with open(path, "rb") as fh:
+        try:
+            version = np.lib.format.read_magic(fh)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            _, _, dtype = read_header(fh)
+        except ValueError as err:
+            raise DataError(f"{path}: not a .npy file ({err})") from None
+        if dtype != np.dtype(object):
+            raise DataError(f"{path}: expected a pickled dict of ROI ids to names, found a {dtype} array")
+        try:
+            obj = _RestrictedUnpickler(fh, path).load()
+        except DataError:
+            raise
+        except Exception as err:  # corrupt pickle stream
+            raise DataError(f"{path}: unreadable mapping file ({type(err).__name__}: {err})") from None
+    if isinstance(obj, np.ndarray) and obj.shape == () and obj.dtype == object:
+        obj = obj.item()
+    if not isinstance(obj, dict) or not all(isinstance(k, (int, np.integer)) and isinstance(v, str)
+                                            for k, v in obj.items()):
+        raise DataError(f"{path}: expected a dict of int ROI ids to ROI names")
+    return {int(k): v.strip() for k, v in obj.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# The Algonauts 2023 layout (official, or the older re-arranged one), auto-detected.
+# ---------------------------------------------------------------------------------------------
+
+_NSD_ID = re.compile(r"nsd-(\d+)")
+
+
+@dataclass
+class SubjectPaths:
+    """Where one subject's files are."""
+    subject: int
+    layout: str
+    fmri: dict                      # hemi -> Path of the N x V training fMRI
+    train_images: Path              # folder of the training PNGs
+    test_images: Path | None        # folder of the challenge test PNGs (no fMRI), if present
+    roi_dir: Path                   # folder of the ROI masks and mapping files
+    noise_ceiling: dict = field(default_factory=dict)  # hemi -> Path, where the data has one
+
+    def mask_path(self, hemi: str, family: str) -> Path:
+        return self.roi_dir / f"{hemi}.{family}_challenge_space.npy"
+
+    def mapping_path(self, family: str) -> Path:
+        return self.roi_dir / f"mapping_{family}.npy"
+
+
+def subject_dir_name(subject: int) -> str:
+    return f"subj{int(subject):02d}"
+
+
+def find_subject(data_dir, subject: int) -> SubjectPaths:
+    """Locate one subject's files in either layout, or say what was looked for and where."""
+    data_dir = Path(data_dir)
+    s2 = subject_dir_name(subject)
+    official = data_dir / s2
+    if (official / "training_split").is_dir() or (official / "roi_masks").is_dir():
+        fmri_dir = official / "training_split" / "training_fmri"
+        nc = {h: official / "noise_ceiling" / f"{h}_noise_ceiling.npy" for h in HEMISPHERES}
+        return SubjectPaths(
+            subject, "official",
+            {h: fmri_dir / f"{h}_training_fmri.npy" for h in HEMISPHERES},
+            official / "training_split" / "training_images",
+            official / "test_split" / "test_images" if (official / "test_split" / "test_images").is_dir() else None,
+            official / "roi_masks",
+            {h: p for h, p in nc.items() if p.is_file()})
+    for tag in (f"Subj{int(subject)}", f"Subj{int(subject):02d}"):
+        old_fmri = data_dir / "training_fmri" / tag
+        if old_fmri.is_dir():
+            low = tag.lower()
+            test_dir = data_dir / "test_images" / tag
+            return SubjectPaths(
+                subject, "rearranged",
+                {h: old_fmri / f"{low}_{h}_training_fmri.npy" for h in HEMISPHERES},
+                data_dir / "training_images" / tag,
+                test_dir if test_dir.is_dir() else None,
+                data_dir / "roi_masks" / tag)
+    raise DataError(
+        f"subject {subject} not found under {data_dir}: looked for {official}/training_split (official "
+        f"Algonauts 2023 layout) and {data_dir}/training_fmri/Subj{int(subject)} (re-arranged layout)")
+
+
+def list_subjects(data_dir) -> list[int]:
+    """Subjects present in data_dir, in either layout."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise DataError(f"{data_dir}: data_dir not found (point --data_dir at the Algonauts 2023 download)")
+    found = {int(m.group(1)) for p in data_dir.iterdir() if (m := re.fullmatch(r"subj(\d+)", p.name))}
+    old = data_dir / "training_fmri"
+    if old.is_dir():
+        found |= {int(m.group(1)) for p in old.iterdir() if (m := re.fullmatch(r"Subj(\d+)", p.name))}
+    if not found:
+        raise DataError(f"{data_dir}: no subjects found (expected subj01.. folders or training_fmri/Subj1..)")
+    return sorted(found)
+
+
+def resolve_subjects(data_dir, subjects) -> list[int]:
+    """The subjects an option names ([] or 'all' = every subject present)."""
+    if not subjects or subjects in ("all", ["all"]):
+        return list_subjects(data_dir)
+    return [int(s) for s in subjects]
+
+
+def list_images(folder) -> list[Path]:
+    """The PNGs of a folder, sorted by name (the order of the fMRI rows)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{folder}: image folder not found")
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() == ".png")
+
+
+def nsd_ids(image_paths) -> np.ndarray | None:
+    """NSD image ids parsed from 'train-NNNN_nsd-NNNNN.png' names, or None where a name has none."""
+    ids = []
+    for p in image_paths:
+        m = _NSD_ID.search(Path(p).name)
+        if not m:
+            return None
+        ids.append(int(m.group(1)))
+    return np.asarray(ids, dtype=np.int64)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading and validation.
+# ---------------------------------------------------------------------------------------------
+
+
+def load_fmri(paths: SubjectPaths, hemi: str) -> np.ndarray:
+    """Memory-map one hemisphere's N x V training fMRI as float32 (checked 2-D)."""
+    path = paths.fmri[hemi]
+    if not path.is_file():
+        raise DataError(f"{path}: {hemi} training fMRI file not found")
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError) as err:
+        raise DataError(f"{path}: not a readable .npy array ({err})") from None
+    if arr.ndim != 2:
+        raise DataError(f"{path}: expected a 2-D images x vertices array, found shape {arr.shape}")
+    if arr.dtype != np.float32:
+        arr = np.asarray(arr, dtype=np.float32)
+    return arr
+
+
+def check_finite(arr: np.ndarray, source, chunk_rows: int = 512) -> None:
+    """Raise DataError if arr holds NaN or inf (scanned in row chunks to keep memory flat)."""
+    for start in range(0, arr.shape[0], chunk_rows):
+        block = np.asarray(arr[start:start + chunk_rows])
+        if not np.isfinite(block).all():
+            bad = np.argwhere(~np.isfinite(block))[0]
+            raise DataError(f"{source}: non-finite value (NaN or inf) at row {start + bad[0]}, "
+                            f"column {bad[1]}; expected finite responses")
+
+
+def load_roi_masks(paths: SubjectPaths, hemi: str, n_vertices: int | None = None) -> dict[str, np.ndarray]:
+    """ROI name -> boolean vertex mask for all 31 challenge ROIs of one hemisphere."""
+    masks = {}
+    for family in ROI_FAMILIES:
+        mask_file = paths.mask_path(hemi, family)
+        if not mask_file.is_file():
+            raise DataError(f"{mask_file}: ROI mask file not found")
+        try:
+            labels = np.load(mask_file, allow_pickle=False)
+        except (ValueError, OSError) as err:
+            raise DataError(f"{mask_file}: not a readable .npy array ({err})") from None
+        if labels.ndim != 1:
+            raise DataError(f"{mask_file}: expected a 1-D vertex mask, found shape {labels.shape}")
+        if n_vertices is not None and labels.shape[0] != n_vertices:
+            raise DataError(f"{mask_file}: mask has {labels.shape[0]} vertices, expected {n_vertices} "
+                            f"(the columns of {paths.fmri[hemi].name})")
+        mapping = load_roi_mapping(paths.mapping_path(family))
+        labels = np.rint(labels).astype(np.int64)
+        for roi_id, name in mapping.items():
+            if roi_id == 0 or name == "Unknown":
+                continue
+            if name not in ROI_FAMILY_OF:
+                raise DataError(f"{paths.mapping_path(family)}: unknown ROI name {name!r}")
+            masks[name] = labels == roi_id
+    for name in ROI_NAMES:  # a family whose mapping omits an ROI: it is empty
+        if name not in masks:
+            length = n_vertices if n_vertices is not None else next(iter(masks.values())).shape[0]
+            masks[name] = np.zeros(length, dtype=bool)
+    return {name: masks[name] for name in ROI_NAMES}
+
+
+def roi_voxel_indices(paths: SubjectPaths, hemi: str, n_vertices: int | None = None) -> dict[str, np.ndarray]:
+    """ROI name -> sorted int64 vertex indices (empty arrays for empty ROIs)."""
+    return {name: np.flatnonzero(m) for name, m in load_roi_masks(paths, hemi, n_vertices).items()}
+
+
+def validate_subject(paths: SubjectPaths, check_values: bool = True) -> dict:
+    """Check a subject's files agree (images = fMRI rows, masks = fMRI columns, finite values).
+
+    Returns {'n_images': N, 'n_vertices': {hemi: V}, 'images': [Path, ...]}.
+    """
+    images = list_images(paths.train_images)
+    if not images:
+        raise DataError(f"{paths.train_images}: no PNG training images found")
+    n_vertices = {}
+    for hemi in HEMISPHERES:
+        fmri = load_fmri(paths, hemi)
+        if fmri.shape[0] != len(images):
+            raise DataError(f"{paths.fmri[hemi]}: {fmri.shape[0]} fMRI rows, expected {len(images)} "
+                            f"(one per PNG in {paths.train_images})")
+        if check_values:
+            check_finite(fmri, paths.fmri[hemi])
+        load_roi_masks(paths, hemi, fmri.shape[1])
+        n_vertices[hemi] = fmri.shape[1]
+        nc_file = paths.noise_ceiling.get(hemi)
+        if nc_file is not None:
+            nc = np.load(nc_file, allow_pickle=False)
+            if nc.shape != (fmri.shape[1],):
+                raise DataError(f"{nc_file}: noise ceiling of shape {nc.shape}, expected ({fmri.shape[1]},)")
+    return {"n_images": len(images), "n_vertices": n_vertices, "images": images}
+
+
+def load_noise_ceiling(paths: SubjectPaths, hemi: str) -> np.ndarray | None:
+    """Per-vertex noise ceiling (fraction of explainable variance, 0..1) where the data has one."""
+    nc_file = paths.noise_ceiling.get(hemi)
+    return None if nc_file is None else np.load(nc_file, allow_pickle=False).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# One train / val / test split for every stage.
+# ---------------------------------------------------------------------------------------------
+
+SPLIT_NAMES = ("train", "val", "test")
+_NSD_ID_SPACE = 73000  # NSD has 73,000 images
+
+
+def make_split(image_paths, seed: int = 0, fractions=(0.75, 0.10, 0.15)) -> dict[str, np.ndarray]:
+    """Deterministic train/val/test row indices.
+
+    With NSD ids in the names, an image's split depends on its NSD id alone (a seeded permutation of
+    the 73k ids), so an image shared by several subjects lands in the same split for all of them and
+    cross-subject models never test on another subject's training images.
+    """
+    fractions = np.asarray(fractions, dtype=float)
+    if fractions.shape != (3,) or (fractions < 0).any() or abs(fractions.sum() - 1) > 1e-6:
+        raise DataError(f"split fractions {fractions.tolist()}: expected three non-negative numbers summing to 1")
+    n = len(image_paths)
+    ids = nsd_ids(image_paths)
+    if ids is not None and ids.max(initial=0) < _NSD_ID_SPACE and len(np.unique(ids)) == n:
+        rank = np.random.default_rng(seed).permutation(_NSD_ID_SPACE)[ids]
+        u = rank / _NSD_ID_SPACE
+    else:
+        u = np.random.default_rng(seed).permutation(n) / max(n, 1)
+    edges = np.cumsum(fractions)
+    which = np.searchsorted(edges, u, side="right").clip(0, 2)
+    return {name: np.flatnonzero(which == i) for i, name in enumerate(SPLIT_NAMES)}
+
+
+def split_path(out_dir, subject: int) -> Path:
+    return Path(out_dir) / "splits" / f"{subject_dir_name(subject)}_split.json"
+
+
+def get_split(out_dir, subject: int, image_paths, seed: int = 0,
+              fractions=(0.75, 0.10, 0.15)) -> dict[str, np.ndarray]:
+    """Read the subject's split from out_dir, writing it the first time; every stage uses this one."""
+    path = split_path(out_dir, subject)
+    names = [Path(p).name for p in image_paths]
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved["image_names"] != names:
+            raise DataError(f"{path}: split was made for a different image list ({len(saved['image_names'])} "
+                            f"images, now {len(names)}); delete it to make a new split")
+        return {k: np.asarray(saved[k], dtype=np.int64) for k in SPLIT_NAMES}
+    split = make_split(image_paths, seed, fractions)
+    save_json(path, {**{k: v.tolist() for k, v in split.items()}, "seed": seed,
+                     "fractions": list(fractions), "image_names": names})
+    return split
+
+
+# ---------------------------------------------------------------------------------------------
+# Image cache: PNGs decoded once into a memory-mapped uint8 N x 3 x S x S array.
+# ---------------------------------------------------------------------------------------------
+
+
+def decode_image(path, size: int) -> np.ndarray:
+    """One PNG -> 3 x size x size uint8 (RGB, bilinear resize), or a DataError naming the file."""
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(path) as img:
+            img = img.convert("RGB")
+            if img.size != (size, size):
+                img = img.resize((size, size), Image.BILINEAR)
+            arr = np.asarray(img, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise DataError(f"{path}: unreadable or truncated image ({err}); expected a valid PNG") from None
+    return arr.transpose(2, 0, 1)
+
+
+def image_cache_path(out_dir, subject: int, size: int, tag: str = "train") -> Path:
+    return Path(out_dir) / "image_cache" / f"{subject_dir_name(subject)}_{tag}_{size}px.npy"
+
+
+def load_image_cache(out_dir, subject: int, image_paths, size: int = 224, tag: str = "train",
+                     workers: int | None = None) -> np.ndarray:
+    """Memory-map the subject's decoded images, building the cache first if it is missing or stale."""
+    from tqdm import tqdm
+    path = image_cache_path(out_dir, subject, size, tag)
+    key = {"size": size, "images": [Path(p).name for p in image_paths],
+           "bytes": [Path(p).stat().st_size for p in image_paths]}
+    meta_path = sidecar_path(path)
+    if path.is_file() and meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        if meta.get("cache_key") == key:
+            return np.load(path, mmap_mode="r")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp.npy")
+    os.close(fd)
+    try:
+        cache = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(image_paths), 3, size, size))
+
+        def decode_into(i):
+            cache[i] = decode_image(image_paths[i], size)
+
+        with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
+            list(tqdm(pool.map(decode_into, range(len(image_paths))), total=len(image_paths),
+                      desc=f"decoding {subject_dir_name(subject)} images at {size}px", unit="img"))
+        cache.flush()
+        del cache
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    write_sidecar(path, {"size": size}, cache_key=key)
+    return np.load(path, mmap_mode="r")
