@@ -522,6 +522,29 @@ def roi_voxel_indices(paths: SubjectPaths, hemi: str, n_vertices: int | None = N
     return {name: np.flatnonzero(m) for name, m in load_roi_masks(paths, hemi, n_vertices).items()}
 
 
+def voxel_roi_lists(masks: dict[str, np.ndarray]) -> list[list[str]]:
+    """One list of ROI names per vertex (several, or none), from ROI name -> boolean mask."""
+    names = list(masks)
+    membership = np.stack([masks[n] for n in names], axis=1)  # vertices x ROIs
+    # Few distinct membership patterns exist: build each name list once and index by pattern.
+    patterns, pattern_of_vertex = np.unique(membership, axis=0, return_inverse=True)
+    pattern_lists = [[names[j] for j in np.flatnonzero(row)] for row in patterns]
+    return [pattern_lists[k] for k in pattern_of_vertex.ravel()]
+
+
+def format_roi_size_table(sizes: dict) -> str:
+    """Text table of ROI voxel counts: rows ROIs, columns (subject, hemi); empty ROIs marked."""
+    columns = sorted(sizes)
+    header = f"{'ROI':<12}" + "".join(f"{subject_dir_name(s) + ' ' + h:>12}" for s, h in columns)
+    lines = [header, "-" * len(header)]
+    row_names = list(ROI_NAMES) + sorted({k for c in columns for k in sizes[c]} - set(ROI_NAMES))
+    for name in row_names:
+        cells = [sizes[c].get(name) for c in columns]
+        lines.append(f"{name:<12}" + "".join(f"{'empty' if v == 0 else ('-' if v is None else v):>12}"
+                                             for v in cells))
+    return "\n".join(lines)
+
+
 def validate_subject(paths: SubjectPaths, check_values: bool = True) -> dict:
     """Check a subject's files agree (images = fMRI rows, masks = fMRI columns, finite values).
 

@@ -1,0 +1,36 @@
+# `make demo`: set up .venv, generate the synthetic demo dataset, run every pipeline stage on it.
+# `make test`: set up .venv and run the test suite.
+PYTHON_SYS ?= python3
+VENV       := .venv
+PY         := $(VENV)/bin/python
+STAMP      := $(VENV)/.installed-requirements
+DEMO_DATA  ?= demo_data
+DEMO_OUT   ?= demo_out
+RESULTS    ?= Results
+# The demo runs offline on CPU: random-init AlexNet, 96 px images, few epochs, small batches.
+DEMO_FLAGS := --data_dir=$(DEMO_DATA) --out_dir=$(DEMO_OUT) --weights=none --image_size=96
+DEMO_ROIS  ?= V1v,FFA-1,PPA
+
+.PHONY: setup test demo demo-data clean-demo bench
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt
+	test -x $(PY) || $(PYTHON_SYS) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements.txt
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest -q tests
+
+demo-data: setup
+	$(PY) make_demo_data.py --out_dir=$(DEMO_DATA)
+
+demo: demo-data
+	$(PY) generate_voxel_roi_mappings.py --data_dir=$(DEMO_DATA) --out_dir=$(DEMO_OUT)
+
+bench: setup
+	$(PY) benchmark.py
+
+clean-demo:
+	rm -rf $(DEMO_DATA) $(DEMO_OUT)

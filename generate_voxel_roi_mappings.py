@@ -1,0 +1,36 @@
+"""Map every cortical vertex to the challenge ROIs it belongs to, for each subject and hemisphere.
+
+Writes out_dir/voxel_roi_mappings/subjXX/{lh,rh}_voxel_roi_mappings.json (one list of ROI names per
+vertex) and {lh,rh}_roi_indices.npz (ROI name -> vertex indices), and prints ROI sizes.
+"""
+# ---- OPTIONS (override with --name=value or --config=FILE.json) ----
+data_dir = "algonauts_2023_challenge_data"  # Algonauts 2023 download (read only)
+out_dir = "out"                             # everything derived goes here
+subjects = []                               # subjects to map; [] = every subject in data_dir
+check_values = True                         # scan the fMRI for NaN/inf before writing
+# ---------------------------------------------------------------------
+from pathlib import Path
+
+import utils
+
+options = utils.apply_options(globals())
+
+subject_list = utils.resolve_subjects(data_dir, subjects)
+# Validate every subject before writing anything.
+validated = {s: utils.validate_subject(utils.find_subject(data_dir, s), check_values) for s in subject_list}
+
+sizes = {}
+for subject, info in validated.items():
+    paths = utils.find_subject(data_dir, subject)
+    subject_out = Path(out_dir) / "voxel_roi_mappings" / utils.subject_dir_name(subject)
+    for hemi in utils.HEMISPHERES:
+        masks = utils.load_roi_masks(paths, hemi, info["n_vertices"][hemi])
+        voxel_rois = utils.voxel_roi_lists(masks)
+        utils.save_json(subject_out / f"{hemi}_voxel_roi_mappings.json", voxel_rois, options, subject=subject)
+        indices = {name: mask.nonzero()[0] for name, mask in masks.items()}
+        utils.save_npz(subject_out / f"{hemi}_roi_indices.npz", indices, options, subject=subject)
+        sizes[(subject, hemi)] = {name: len(idx) for name, idx in indices.items()}
+        sizes[(subject, hemi)]["(vertices)"] = info["n_vertices"][hemi]
+
+print(utils.format_roi_size_table(sizes))
+print(f"wrote voxel-ROI mappings of {len(subject_list)} subject(s) to {Path(out_dir) / 'voxel_roi_mappings'}")

@@ -1,0 +1,249 @@
+"""Foundation: options, both layouts, restricted unpickling, validation errors, split, image cache."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import utils
+from conftest import REPO, make_tiny_dataset
+
+
+# ---- options ---------------------------------------------------------------------------------
+
+def test_options_parse_types_lists_bools_and_config(tmp_path):
+    g = {"epochs": 30, "lr": 1e-4, "amp": True, "rois": ["FFA-1"], "subjects": [1], "name": "x",
+         "extra": None, "utils": utils, "_private": 1}
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"epochs": 5, "lr": 1}))
+    opts = utils.apply_options(g, [f"--config={cfg}", "--amp=false", "--rois=V1v,PPA", "--subjects=2,3",
+                                   "--name=run 1", "--extra=[1, 2]"])
+    assert opts == {"epochs": 5, "lr": 1.0, "amp": False, "rois": ["V1v", "PPA"], "subjects": [2, 3],
+                    "name": "run 1", "extra": [1, 2]}
+    assert g["epochs"] == 5 and isinstance(g["lr"], float) and g["subjects"] == [2, 3]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--epoch=3"], "unknown option --epoch; valid options: epochs, amp"),
+    (["--epochs=three"], "expected int"),
+    (["--amp=maybe"], "expected true or false"),
+    (["epochs=3"], "not of the form --name=value"),
+])
+def test_options_errors_name_valid_choices(argv, message):
+    with pytest.raises(utils.OptionsError, match=message):
+        utils.apply_options({"epochs": 30, "amp": True}, argv)
+
+
+# ---- layouts and ROI masks -------------------------------------------------------------------
+
+@pytest.mark.parametrize("layout", ["official", "rearranged"])
+def test_both_layouts_are_found_and_agree(tmp_path, layout):
+    root = make_tiny_dataset(tmp_path / layout, layout=layout)
+    assert utils.list_subjects(root) == [1, 2]
+    paths = utils.find_subject(root, 2)
+    assert paths.layout == layout
+    info = utils.validate_subject(paths)
+    assert info["n_images"] == 48 and info["n_vertices"] == {"lh": 240, "rh": 240}
+    fmri = utils.load_fmri(paths, "lh")
+    assert isinstance(fmri, np.memmap) and fmri.dtype == np.float32 and fmri.shape == (48, 240)
+    # Both layouts hold byte-identical data for the same seed.
+    other = make_tiny_dataset(tmp_path / "other", layout="rearranged" if layout == "official" else "official")
+    np.testing.assert_array_equal(fmri, utils.load_fmri(utils.find_subject(other, 2), "lh"))
+
+
+def test_missing_subject_error_says_what_was_looked_for(tmp_path):
+    with pytest.raises(utils.DataError, match=r"subject 3 not found .*subj03/training_split.*training_fmri/Subj3"):
+        utils.find_subject(make_tiny_dataset(tmp_path / "d"), 3)
+
+
+def test_roi_names_stripped_and_unknown_rejected(tmp_path):
+    root = make_tiny_dataset(tmp_path / "d", subjects=(1,))
+    paths = utils.find_subject(root, 1)
+    np.save(paths.mapping_path("floc-faces"),
+            np.array({0: "Unknown", 1: " OFA", 2: "FFA-1 ", 3: "FFA-2", 4: "mTL-faces", 5: "aTL-faces"}, dtype=object))
+    masks = utils.load_roi_masks(paths, "lh", 240)
+    assert list(masks) == list(utils.ROI_NAMES) and masks["OFA"].sum() == 30
+    assert utils.check_roi_names([" PPA "]) == ["PPA"]
+    with pytest.raises(utils.DataError, match="unknown ROI 'FFA'; valid ROIs: V1v"):
+        utils.check_roi_names(["FFA"])
+
+
+# ---- restricted unpickler --------------------------------------------------------------------
+
+class _RunsCode:
+    """Pickles to a call of os.system: what a malicious mapping file would do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_restricted_unpickler_reads_official_and_rejects_code(tmp_path):
+    good = tmp_path / "mapping_floc-faces.npy"
+    np.save(good, np.array({0: "Unknown", 1: "OFA", 2: "FFA-1"}, dtype=object))
+    assert utils.load_roi_mapping(good) == {0: "Unknown", 1: "OFA", 2: "FFA-1"}
+
+    marker = tmp_path / "code_ran"
+    evil = tmp_path / "mapping_evil.npy"
+    np.save(evil, np.array({0: _RunsCode(marker)}, dtype=object))
+    with pytest.raises(utils.DataError, match="refusing to unpickle posix.system"):
+        utils.load_roi_mapping(evil)
+    assert not marker.exists()
+    # The file really is dangerous: an unrestricted load runs the command.
+    subprocess.run([sys.executable, "-c", f"import numpy as np; np.load({str(evil)!r}, allow_pickle=True)"],
+                   check=True)
+    assert marker.exists()
+
+
+def test_real_mapping_files_load_with_restricted_unpickler():
+    shared = REPO.parent / "shared" / "algonauts_roi_masks" / "subj01"
+    if not shared.is_dir():
+        pytest.skip("../shared not present")
+    for family in utils.ROI_FAMILIES:
+        mapping = utils.load_roi_mapping(shared / f"mapping_{family}.npy")
+        assert set(mapping.values()) - {"Unknown"} == set(utils.ROIS_BY_FAMILY[family])
+
+
+# ---- validation errors: one clear line, non-zero exit, nothing written ------------------------
+
+def _break(kind: str, root: Path) -> str:
+    """Corrupt subject 1 of a tiny dataset in one way; return the text the error must contain."""
+    paths = utils.find_subject(root, 1)
+    if kind == "image_count":
+        utils.list_images(paths.train_images)[-1].unlink()
+        return "lh_training_fmri.npy: 48 fMRI rows, expected 47"
+    if kind == "mask_length":
+        np.save(paths.mask_path("rh", "floc-places"), np.zeros(239, dtype=np.int64))
+        return "rh.floc-places_challenge_space.npy: mask has 239 vertices, expected 240"
+    if kind == "nan":
+        fmri = np.load(paths.fmri["rh"])
+        fmri[5, 7] = np.nan
+        np.save(paths.fmri["rh"], fmri)
+        return "rh_training_fmri.npy: non-finite value (NaN or inf) at row 5, column 7"
+    if kind == "missing_hemisphere":
+        paths.fmri["rh"].unlink()
+        return "rh_training_fmri.npy: rh training fMRI file not found"
+    if kind == "wrong_shape":
+        np.save(paths.fmri["lh"], np.zeros(48, dtype=np.float32))
+        return "expected a 2-D images x vertices array, found shape (48,)"
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("kind", ["image_count", "mask_length", "nan", "missing_hemisphere", "wrong_shape"])
+def test_validation_errors_exit_nonzero_with_one_line_and_write_nothing(tmp_path, kind):
+    root = make_tiny_dataset(tmp_path / "d")
+    expected = _break(kind, root)
+    with pytest.raises(utils.DataError, match=expected.replace("(", r"\(").replace(")", r"\)")):
+        utils.validate_subject(utils.find_subject(root, 1))
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(REPO / "generate_voxel_roi_mappings.py"),
+                           f"--data_dir={root}", f"--out_dir={out}"], capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().count("\n") == 0 and expected in proc.stderr, proc.stderr
+    assert not out.exists()  # subject 2 is fine, but nothing is written before every subject validates
+
+
+def test_truncated_png_is_named_and_leaves_no_cache(tmp_path):
+    root = make_tiny_dataset(tmp_path / "d", subjects=(1,))
+    images = utils.list_images(utils.find_subject(root, 1).train_images)
+    data = images[3].read_bytes()
+    images[3].write_bytes(data[: len(data) // 2])
+    with pytest.raises(utils.DataError, match=f"{images[3].name}: unreadable or truncated image"):
+        utils.load_image_cache(tmp_path / "out", 1, images, size=32)
+    assert not any((tmp_path / "out" / "image_cache").iterdir())
+
+
+# ---- split -----------------------------------------------------------------------------------
+
+def test_split_is_deterministic_disjoint_and_complete(tmp_path):
+    root = make_tiny_dataset(tmp_path / "d", n_images=400, subjects=(1,))
+    images = utils.list_images(utils.find_subject(root, 1).train_images)
+    a, b = utils.make_split(images, seed=3), utils.make_split(images, seed=3)
+    for name in utils.SPLIT_NAMES:
+        np.testing.assert_array_equal(a[name], b[name])
+    allidx = np.concatenate([a[n] for n in utils.SPLIT_NAMES])
+    assert np.array_equal(np.sort(allidx), np.arange(400))  # disjoint and complete
+    sizes = [len(a[n]) / 400 for n in utils.SPLIT_NAMES]
+    assert sizes == pytest.approx([0.75, 0.10, 0.15], abs=0.06)
+    c = utils.make_split(images, seed=4)
+    assert not np.array_equal(a["test"], c["test"])
+
+
+def test_test_split_is_not_the_file_order_tail(tmp_path):
+    """The original code evaluated on the last 15% in file order after a random train split: leak."""
+    root = make_tiny_dataset(tmp_path / "d", n_images=200, subjects=(1,))
+    images = utils.list_images(utils.find_subject(root, 1).train_images)
+    split = utils.get_split(tmp_path / "out", 1, images)
+    tail = set(range(170, 200))
+    assert not set(split["train"]) & set(split["test"])
+    assert set(split["train"]) & tail  # a tail-of-file "test set" would overlap the training images
+    assert set(split["test"]) != tail
+
+
+def test_split_written_once_and_read_by_every_stage(tmp_path):
+    root = make_tiny_dataset(tmp_path / "d", subjects=(1,))
+    images = utils.list_images(utils.find_subject(root, 1).train_images)
+    first = utils.get_split(tmp_path / "out", 1, images, seed=0)
+    again = utils.get_split(tmp_path / "out", 1, images, seed=99)  # later stage, other seed: saved split wins
+    for name in utils.SPLIT_NAMES:
+        np.testing.assert_array_equal(first[name], again[name])
+    with pytest.raises(utils.DataError, match="split was made for a different image list"):
+        utils.get_split(tmp_path / "out", 1, images[:-1])
+
+
+def test_shared_nsd_images_fall_in_the_same_split_for_every_subject(tmp_path):
+    names_a = [tmp_path / f"train-{i + 1:04d}_nsd-{nsd:05d}.png" for i, nsd in enumerate(range(100, 600))]
+    names_b = [tmp_path / f"train-{i + 1:04d}_nsd-{nsd:05d}.png" for i, nsd in enumerate(range(350, 900))]
+    sa, sb = utils.make_split(names_a), utils.make_split(names_b)
+    which_a = {100 + i: n for n in utils.SPLIT_NAMES for i in sa[n]}
+    which_b = {350 + i: n for n in utils.SPLIT_NAMES for i in sb[n]}
+    shared = set(which_a) & set(which_b)
+    assert len(shared) == 250 and all(which_a[k] == which_b[k] for k in shared)
+
+
+# ---- image cache -----------------------------------------------------------------------------
+
+def test_image_cache_matches_pil_is_reused_and_rebuilt(tmp_path):
+    from PIL import Image
+    root = make_tiny_dataset(tmp_path / "d", subjects=(1,), n_images=12)
+    images = utils.list_images(utils.find_subject(root, 1).train_images)
+    out = tmp_path / "out"
+    cache = utils.load_image_cache(out, 1, images, size=64)
+    assert isinstance(cache, np.memmap) and cache.shape == (12, 3, 64, 64) and cache.dtype == np.uint8
+    expected = np.asarray(Image.open(images[5]).convert("RGB").resize((64, 64), Image.BILINEAR))
+    np.testing.assert_array_equal(cache[5], expected.transpose(2, 0, 1))
+
+    path = utils.image_cache_path(out, 1, 64)
+    stamp = path.stat().st_mtime_ns
+    utils.load_image_cache(out, 1, images, size=64)
+    assert path.stat().st_mtime_ns == stamp  # reused
+
+    utils.load_image_cache(out, 1, images[:10], size=64)  # image list changed: rebuilt
+    assert path.stat().st_mtime_ns != stamp and np.load(path, mmap_mode="r").shape[0] == 10
+
+    other = utils.load_image_cache(out, 1, images, size=32)  # another size: its own cache
+    assert other.shape == (12, 3, 32, 32) and utils.image_cache_path(out, 1, 32).is_file()
+
+
+# ---- atomic outputs --------------------------------------------------------------------------
+
+def test_atomic_write_leaves_old_file_on_failure_and_writes_sidecar(tmp_path):
+    target = tmp_path / "table.npy"
+    utils.save_npy(target, np.arange(3), {"alpha": 1.0})
+    assert json.loads(utils.sidecar_path(target).read_text())["options"] == {"alpha": 1.0}
+
+    def boom(fh):
+        fh.write(b"partial")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        utils.atomic_write(target, boom)
+    np.testing.assert_array_equal(np.load(target), np.arange(3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["table.npy", "table.npy.meta.json"]
