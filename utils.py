@@ -184,6 +184,10 @@ def _jsonable(obj):
     return obj
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 def atomic_write(path, write_fn, *, mode: str = "wb", suffix: str | None = None) -> Path:
     """Write via write_fn(file) to a temp file in the same folder, then rename over path."""
     path = Path(path)
@@ -192,6 +196,7 @@ def atomic_write(path, write_fn, *, mode: str = "wb", suffix: str | None = None)
     try:
         with os.fdopen(fd, mode) as fh:
             write_fn(fh)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; outputs get the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -677,9 +682,21 @@ def load_image_cache(out_dir, subject: int, image_paths, size: int = 224, tag: s
                       desc=f"decoding {subject_dir_name(subject)} images at {size}px", unit="img"))
         cache.flush()
         del cache
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     write_sidecar(path, {"size": size}, cache_key=key)
     return np.load(path, mmap_mode="r")
+
+
+def resolve_device(device: str = "auto"):
+    """'auto' -> cuda when present, else cpu; anything else is passed to torch.device."""
+    import torch
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError as err:
+        raise OptionsError(f"--device={device}: {err}") from None

@@ -1,0 +1,64 @@
+"""Find the best untuned AlexNet layer for every ROI: PCA + ridge encoding, median Pearson r on the val split.
+
+For each subject and hemisphere writes out_dir/best_layer/subjXX/{hemi}_best_layer.json (ROI -> layer),
+{hemi}_layer_roi_scores.npy (layers x ROIs median r, NaN for empty ROIs) and a heatmap PNG.
+The test split is never read: ridge alphas are chosen on a hold-out of the train split.
+"""
+# ---- OPTIONS (override with --name=value or --config=FILE.json) ----
+data_dir = "algonauts_2023_challenge_data"  # Algonauts 2023 download (read only)
+out_dir = "out"                             # everything derived goes here
+subjects = []                               # [] = every subject in data_dir
+hemispheres = ["lh", "rh"]                  # hemispheres to score
+layers = ["features.2", "features.5", "features.7", "features.9", "features.12",
+          "classifier.2", "classifier.5", "classifier.6"]  # AlexNet layers to compare
+weights = "IMAGENET1K_V1"                   # untuned AlexNet: IMAGENET1K_V1, none (random) or a .pth path
+image_size = 224                            # pixels fed to AlexNet
+pca_components = 1000                       # PCA size for wider layers (fitted on train only)
+alphas = [1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7]  # ridge alpha grid (one chosen per voxel)
+alpha_holdout = 0.1                         # fraction of train used to choose each voxel's alpha
+split_seed = 0                              # seed of the train/val/test split (used once, then read back)
+seed = 0                                    # PCA seed
+batch_size = 128                            # images per forward pass
+feature_memory_gb = 8.0                     # raw activations held at once (more layers per pass)
+device = "auto"                             # auto (cuda if present), cpu, cuda, cuda:1, ...
+# ---------------------------------------------------------------------
+from pathlib import Path
+
+import numpy as np
+
+import results_utils
+import utils
+
+options = utils.apply_options(globals())
+torch_device = utils.resolve_device(device)
+subject_list = utils.resolve_subjects(data_dir, subjects)
+validated = {s: utils.validate_subject(utils.find_subject(data_dir, s)) for s in subject_list}
+
+summary = []
+for subject, info in validated.items():
+    paths = utils.find_subject(data_dir, subject)
+    split = utils.get_split(out_dir, subject, info["images"], seed=split_seed)
+    image_cache = utils.load_image_cache(out_dir, subject, info["images"], size=image_size)
+    features = results_utils.layer_features(
+        out_dir, subject, f"untuned:{weights}", layers, image_cache, split, ("train", "val"), image_size,
+        pca_components, seed, torch_device, batch_size, feature_memory_gb)
+    subject_out = Path(out_dir) / "best_layer" / utils.subject_dir_name(subject)
+    for hemi in hemispheres:
+        fmri = np.asarray(utils.load_fmri(paths, hemi))
+        roi_indices = utils.roi_voxel_indices(paths, hemi, fmri.shape[1])
+        scores = results_utils.layer_roi_scores(features, fmri, split, roi_indices, alphas, alpha_holdout,
+                                                seed, torch_device)
+        best = results_utils.best_layer_per_roi(scores, layers, roi_indices)
+        utils.save_json(subject_out / f"{hemi}_best_layer.json", best, options, subject=subject, hemisphere=hemi)
+        utils.save_npy(subject_out / f"{hemi}_layer_roi_scores.npy", scores, options, subject=subject,
+                       hemisphere=hemi, rows=layers, columns=list(roi_indices), metric="median val Pearson r")
+        fig = results_utils.plot_layer_roi_heatmap(scores, layers, list(roi_indices),
+                                                   f"{utils.subject_dir_name(subject)} {hemi}: untuned AlexNet")
+        utils.save_figure(subject_out / f"{hemi}_layer_roi_scores.png", fig, options)
+        summary += [{"subject": subject, "hemisphere": hemi, "roi": roi, "best_layer": layer,
+                     "median_val_r": float(np.nanmax(scores[:, list(roi_indices).index(roi)]))}
+                    for roi, layer in best.items()]
+
+utils.save_csv(Path(out_dir) / "best_layer" / "best_layers.csv", summary, options)
+print(results_utils.format_table(summary, ["subject", "hemisphere", "roi", "best_layer", "median_val_r"]))
+print(f"best layers written to {Path(out_dir) / 'best_layer'}")
