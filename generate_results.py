@@ -82,7 +82,7 @@ if "single-subj" in types:
                                   {roi: v[2] - v[0] for roi, v in voxel_r.items()},
                                   f"{title}: CL-tuned minus untuned, per voxel", "r(CL) - r(untuned)"), options)
             all_rows += rows
-    summary = results_utils.group_summary_rows(all_rows)
+    summary = results_utils.group_table(all_rows)
     utils.save_csv(results / "single_subj_summary.csv", summary, options, **meta)
     utils.save_text(results / "single_subj_summary.md",
                     "## Median test Pearson r, averaged over ROIs, subjects and hemispheres\n\n"

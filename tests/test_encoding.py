@@ -1,0 +1,295 @@
+"""Encoding core of results_utils: ridge vs sklearn, Pearson r vs scipy, ROI summaries, paired statistics."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+from sklearn.decomposition import PCA
+from sklearn.linear_model import Ridge, RidgeCV
+
+import results_utils as ru
+import utils
+
+GRID = np.logspace(-1, 4, 6)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return ru.make_synthetic_encoding_data(n_train=300, n_val=120, n_test=80, n_features=40, n_voxels=60,
+                                           rank=8, seed=3)
+
+
+def sklearn_predictions(d, alpha, split="test"):
+    model = Ridge(alpha=alpha).fit(d["X_train"].astype(np.float64), d["Y_train"].astype(np.float64))
+    return model, model.predict(d[f"X_{split}"].astype(np.float64))
+
+
+def scipy_r(y, p):
+    return np.array([scipy.stats.pearsonr(y[:, j], p[:, j])[0] for j in range(y.shape[1])])
+
+
+# ---- ridge ----
+
+
+@pytest.mark.parametrize("alpha", [0.5, ru.PAPER_ALPHA_UNTUNED, ru.PAPER_ALPHA_TUNED])
+def test_fixed_alpha_matches_sklearn_ridge(data, alpha):
+    fit = ru.fit_ridge(data["X_train"], data["Y_train"], alphas=alpha, device="cpu")
+    model, expected = sklearn_predictions(data, alpha)
+    np.testing.assert_allclose(fit.predict(data["X_test"]), expected, atol=1e-4)
+    np.testing.assert_allclose(fit.coef_, model.coef_.T, atol=1e-4)
+    np.testing.assert_allclose(fit.intercept_, model.intercept_, atol=1e-4)
+    assert (fit.alphas_ == alpha).all() and fit.val_scores_ is None
+
+
+def test_fixed_alpha_wide_features_matches_sklearn(data):
+    """More features than train images: the eigenbasis comes from the n x n kernel."""
+    X = np.random.default_rng(0).normal(size=(30, 200)).astype(np.float32)
+    Y = data["Y_train"][:30]
+    fit = ru.fit_ridge(X, Y, alphas=5.0, device="cpu")
+    model = Ridge(alpha=5.0).fit(X.astype(np.float64), Y.astype(np.float64))
+    X_new = np.random.default_rng(1).normal(size=(10, 200))
+    np.testing.assert_allclose(fit.predict(X_new), model.predict(X_new), atol=1e-4)
+
+
+@pytest.mark.parametrize("n_val", [120, 25])  # n_val >= features (square R) and < features (trapezoidal R)
+def test_per_voxel_alpha_matches_sklearn_reference(data, n_val):
+    d = {**data, "X_val": data["X_val"][:n_val], "Y_val": data["Y_val"][:n_val]}
+    fit = ru.fit_ridge(d["X_train"], d["Y_train"], d["X_val"], d["Y_val"], alphas=GRID, device="cpu")
+    # reference: one sklearn Ridge per alpha, val r by scipy, best alpha per voxel
+    val_r, test_pred = [], []
+    for alpha in GRID:
+        _, val_pred = sklearn_predictions(d, alpha, "val")
+        val_r.append(scipy_r(d["Y_val"].astype(np.float64), val_pred))
+        test_pred.append(sklearn_predictions(d, alpha)[1])
+    val_r, test_pred = np.array(val_r), np.array(test_pred)
+    np.testing.assert_allclose(fit.val_scores_, val_r, atol=1e-4)
+    best = val_r.argmax(0)
+    # near-ties may break either way in float32: the chosen alpha must be a best one up to 1e-5 ...
+    chosen = np.searchsorted(GRID, fit.alphas_)
+    cols = np.arange(val_r.shape[1])
+    assert (val_r[chosen, cols] >= val_r[best, cols] - 1e-5).all()
+    assert (chosen == best).mean() >= 0.95
+    assert len(np.unique(chosen)) >= 3  # the planted signal makes the choice vary across voxels
+    # ... and the predictions are sklearn's for that alpha
+    np.testing.assert_allclose(fit.predict(d["X_test"]), test_pred[chosen, :, cols].T, atol=1e-4)
+    np.testing.assert_allclose(fit.best_val_scores_, val_r[chosen, cols], atol=1e-4)
+
+
+def test_mse_selection_matches_sklearn_reference(data):
+    fit = ru.fit_ridge(data["X_train"], data["Y_train"], data["X_val"], data["Y_val"], alphas=GRID,
+                       score="mse", device="cpu")
+    mse = np.array([((data["Y_val"] - sklearn_predictions(data, a, "val")[1]) ** 2).mean(0) for a in GRID])
+    np.testing.assert_allclose(fit.val_scores_, mse, rtol=1e-4)
+    chosen = np.searchsorted(GRID, fit.alphas_)
+    cols = np.arange(mse.shape[1])
+    assert (mse[chosen, cols] <= mse.min(0) * (1 + 1e-5)).all()
+
+
+def test_given_voxel_alphas_match_ridgecv(data):
+    """RidgeCV picks alphas by LOO on train; given those alphas our predictions equal its predictions."""
+    X, Y = data["X_train"].astype(np.float64), data["Y_train"].astype(np.float64)
+    ridge_cv = RidgeCV(alphas=GRID, alpha_per_target=True).fit(X, Y)
+    assert len(np.unique(ridge_cv.alpha_)) >= 2
+    fit = ru.fit_ridge(X, Y, voxel_alphas=ridge_cv.alpha_, device="cpu")
+    np.testing.assert_array_equal(fit.alphas_, ridge_cv.alpha_)
+    np.testing.assert_allclose(fit.predict(data["X_test"]), ridge_cv.predict(data["X_test"]), atol=1e-4)
+
+
+def test_float64_mode_and_chunking_agree(data):
+    args = (data["X_train"], data["Y_train"], data["X_val"], data["Y_val"])
+    a = ru.fit_ridge(*args, alphas=GRID, device="cpu", dtype="float64", voxel_chunk=7)
+    b = ru.fit_ridge(*args, alphas=GRID, device="cpu")
+    np.testing.assert_allclose(a.predict(data["X_test"]), b.predict(data["X_test"]), atol=1e-4)
+
+
+def test_constant_val_voxel_gets_nan_scores_and_largest_alpha(data):
+    Y_val = data["Y_val"].copy()
+    Y_val[:, 5] = 0.1
+    fit = ru.fit_ridge(data["X_train"], data["Y_train"], data["X_val"], Y_val, alphas=GRID, device="cpu")
+    assert np.isnan(fit.val_scores_[:, 5]).all() and fit.alphas_[5] == GRID[-1]
+    assert np.isfinite(np.delete(fit.val_scores_, 5, axis=1)).all()
+
+
+def test_ridge_bad_input_is_a_data_error(data):
+    Y = data["Y_train"].copy()
+    Y[3, 2] = np.nan
+    with pytest.raises(utils.DataError, match="non-finite"):
+        ru.fit_ridge(data["X_train"], Y, alphas=1.0, device="cpu")
+    with pytest.raises(utils.DataError, match="rows"):
+        ru.fit_ridge(data["X_train"][:-1], data["Y_train"], alphas=1.0, device="cpu")
+    with pytest.raises(ValueError, match="validation"):
+        ru.fit_ridge(data["X_train"], data["Y_train"], alphas=GRID, device="cpu")
+
+
+# ---- Pearson r ----
+
+
+def test_pearson_wide_input_uses_threads_and_matches_float64():
+    rng = np.random.default_rng(8)
+    y = rng.normal(size=(40, 5000)).astype(np.float32)
+    p = (y + rng.normal(size=y.shape)).astype(np.float32)
+    y[:, 4321] = 3.0
+    yc, pc = y - y.astype(np.float64).mean(0), p - p.astype(np.float64).mean(0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        expected = (yc * pc).sum(0) / np.sqrt((yc * yc).sum(0) * (pc * pc).sum(0))
+    r = ru.pearson_r(y, p)
+    assert np.isnan(r[4321]) and np.isnan(r).sum() == 1
+    np.testing.assert_allclose(np.delete(r, 4321), np.delete(expected, 4321), atol=1e-6)
+
+
+def test_pearson_matches_scipy():
+    rng = np.random.default_rng(0)
+    y = rng.normal(size=(50, 30)) * 5 + 100
+    p = y * 0.3 + rng.normal(size=(50, 30))
+    expected = scipy_r(y, p)
+    np.testing.assert_allclose(ru.pearson_r(y, p), expected, atol=1e-12)
+    np.testing.assert_allclose(ru.pearson_r(y.astype(np.float32), p.astype(np.float32)), expected, atol=1e-6)
+    np.testing.assert_allclose(ru.pearson_r(y, p, block_rows=7), expected, atol=1e-12)
+    np.testing.assert_allclose(ru.pearson_r(torch.tensor(y), torch.tensor(p)).numpy(), expected, atol=1e-12)
+    assert ru.pearson_r(y[:, 0], p[:, 0]) == pytest.approx(expected[0], abs=1e-12)
+
+
+def test_constant_columns_give_nan_and_are_counted():
+    rng = np.random.default_rng(1)
+    y = rng.normal(size=(20, 5))
+    p = rng.normal(size=(20, 5))
+    y[:, 1] = 0.1   # constant truth (its centred sum of squares is rounding noise, not 0)
+    p[:, 3] = -2.0  # constant prediction
+    for r in (ru.pearson_r(y, p), ru.pearson_r(torch.tensor(y), torch.tensor(p)).numpy()):
+        assert np.isnan(r[[1, 3]]).all() and np.isfinite(r[[0, 2, 4]]).all()
+    stats = ru.summarize_r(ru.pearson_r(y, p))
+    finite = ru.pearson_r(y, p)[[0, 2, 4]]
+    assert (stats["n"], stats["n_valid"], stats["n_nan"]) == (5, 3, 2)
+    assert stats["mean"] == pytest.approx(finite.mean()) and stats["median"] == pytest.approx(np.median(finite))
+    assert np.isnan(ru.summarize_r([np.nan])["mean"])
+
+
+# ---- noise ceiling ----
+
+
+def test_noise_normalized():
+    r = np.array([0.5, -0.5, 0.3, 0.2, 0.1])
+    nc = np.array([0.5, 0.25, 0.0, np.nan, 0.01])
+    out = ru.noise_normalized(r, nc)
+    np.testing.assert_allclose(out[[0, 1, 4]], [0.5, 1.0, 1.0])
+    assert np.isnan(out[[2, 3]]).all()
+    with pytest.raises(utils.DataError, match="fraction"):
+        ru.noise_normalized(r, nc * 100)
+    with pytest.raises(utils.DataError, match="shape"):
+        ru.noise_normalized(r, nc[:3])
+
+
+# ---- ROI summaries ----
+
+
+def test_roi_summary_and_groups_by_hand():
+    r = {"untuned": np.array([0.1, 0.2, 0.3, 0.4, np.nan, 0.0]),
+         "cl": np.array([0.2, 0.1, 0.5, 0.6, 0.9, 0.0])}
+    rois = {"V1v": np.array([0, 1, 2]), "FFA-1": np.array([3, 4]), "mTL-faces": np.array([], dtype=np.int64),
+            "early": np.array([0, 5])}
+    rows = ru.roi_summary(r, rois, baseline="untuned")
+    by = {(row["roi"], row["method"]): row for row in rows}
+    assert len(rows) == 8
+    v1 = by[("V1v", "cl")]
+    assert (v1["n_voxels"], v1["n_valid"], v1["group"]) == (3, 3, "Early")
+    assert v1["mean_r"] == pytest.approx(0.8 / 3) and v1["median_r"] == pytest.approx(0.2)
+    assert v1["pct_improved"] == pytest.approx(200 / 3)    # 0.2>0.1, 0.1<0.2, 0.5>0.3
+    assert np.isnan(by[("V1v", "untuned")]["pct_improved"])
+    ffa_base = by[("FFA-1", "untuned")]
+    assert (ffa_base["n_valid"], ffa_base["median_r"]) == (1, pytest.approx(0.4))
+    assert by[("FFA-1", "cl")]["pct_improved"] == pytest.approx(100.0)  # only voxel 3 is finite in both
+    empty = by[("mTL-faces", "cl")]
+    assert empty["n_voxels"] == 0 and np.isnan(empty["mean_r"]) and np.isnan(empty["median_r"])
+    assert np.isnan(empty["pct_improved"])
+    assert by[("early", "cl")]["pct_improved"] == pytest.approx(50.0)  # tie 0.0 vs 0.0 is not an improvement
+    groups = {(g["group"], g["method"]): g for g in ru.group_summary(rows)}
+    assert groups[("Early", "cl")]["mean_of_roi_medians"] == pytest.approx(0.2)
+    assert groups[("Higher", "cl")]["mean_of_roi_medians"] == pytest.approx(0.75)      # FFA-1 only
+    assert groups[("Higher", "cl")]["n_rois"] == 1                                      # mTL-faces skipped
+    assert groups[("Anatomical", "untuned")]["mean_of_roi_medians"] == pytest.approx(0.05)
+    assert groups[("All", "cl")]["mean_of_roi_medians"] == pytest.approx((0.2 + 0.75 + 0.1) / 3)
+    no_rows = ru.group_summary(ru.roi_summary(r, {"mTL-faces": np.array([], dtype=np.int64)}))
+    assert all(np.isnan(g["mean_of_roi_medians"]) and g["n_rois"] == 0 for g in no_rows)
+
+
+def test_roi_summary_on_tiny_dataset(tmp_path):
+    from conftest import make_tiny_dataset
+    paths = utils.find_subject(make_tiny_dataset(tmp_path, subjects=(1,)), 1)
+    rois = utils.roi_voxel_indices(paths, "lh", 240)
+    r = {"a": np.linspace(-1, 1, 240), "b": np.zeros(240)}
+    rows = ru.roi_summary(r, rois, baseline="b")
+    assert len(rows) == 2 * len(utils.ROI_NAMES)
+    for row in rows:
+        assert row["n_voxels"] == len(rois[row["roi"]])
+        if row["n_voxels"]:
+            assert row["median_r"] == pytest.approx(np.median(r[row["method"]][rois[row["roi"]]]))
+        else:
+            assert np.isnan(row["median_r"])
+
+
+# ---- paired statistics ----
+
+
+def test_paired_wilcoxon_matches_scipy():
+    rng = np.random.default_rng(2)
+    a, b = rng.normal(0.3, 0.1, 200), rng.normal(0.28, 0.1, 200)
+    a[7] = np.nan
+    out = ru.paired_wilcoxon(a, b)
+    expected = scipy.stats.wilcoxon(np.delete(a, 7), np.delete(b, 7))
+    assert out["n"] == 199
+    assert out["statistic"] == pytest.approx(expected.statistic) and out["pvalue"] == pytest.approx(expected.pvalue)
+    assert out["median_diff"] == pytest.approx(np.median(np.delete(a - b, 7)))
+    assert np.isnan(ru.paired_wilcoxon(a, a)["pvalue"])  # no differences: no test, no crash
+
+
+def test_bootstrap_ci_is_deterministic_and_matches_direct_resamples():
+    rng = np.random.default_rng(4)
+    y = rng.normal(size=(60, 25))
+    pred_a = y + rng.normal(size=y.shape) * 0.8
+    pred_b = y + rng.normal(size=y.shape) * 1.5
+    pred_b[:, 0] = 1.0  # a constant prediction column: NaN r, left out of the medians
+    out = ru.bootstrap_median_r_diff(y, pred_a, pred_b, n_boot=200, seed=7, voxel_chunk=10)
+    again = ru.bootstrap_median_r_diff(y, pred_a, pred_b, n_boot=200, seed=7)
+    other = ru.bootstrap_median_r_diff(y, pred_a, pred_b, n_boot=200, seed=8)
+    np.testing.assert_allclose(out["boot_diffs"], again["boot_diffs"], atol=1e-6)
+    assert not np.allclose(out["boot_diffs"], other["boot_diffs"])
+    observed = np.nanmedian(scipy_r(y, pred_a)) - np.nanmedian(scipy_r(y[:, 1:], pred_b[:, 1:]))
+    assert out["observed"] == pytest.approx(observed)
+    assert out["ci_low"] < observed < out["ci_high"]
+    # each replicate = the median-r difference recomputed on the resampled rows (same seeded draws)
+    rows = np.random.default_rng(7).integers(0, 60, size=(200, 60))
+    for i in range(3):
+        yi, ai, bi = y[rows[i]], pred_a[rows[i]], pred_b[rows[i]]
+        direct = np.nanmedian(scipy_r(yi, ai)) - np.nanmedian(scipy_r(yi[:, 1:], bi[:, 1:]))
+        assert out["boot_diffs"][i] == pytest.approx(direct, abs=1e-6)
+
+
+# ---- PCA ----
+
+
+def test_fit_pca_train_only_and_capped():
+    rng = np.random.default_rng(5)
+    X = (rng.normal(size=(80, 6)) @ rng.normal(size=(6, 300)) * 3 + rng.normal(size=(80, 300))).astype(np.float32)
+    pca = ru.fit_pca(X[:60], n_components=1000, seed=0)
+    assert pca.n_components_ == 60 and pca.transform(X[60:]).shape == (20, 60)
+    exact = PCA(n_components=6, svd_solver="full").fit(X[:60])
+    np.testing.assert_allclose(pca.explained_variance_[:6], exact.explained_variance_, rtol=1e-3)
+    again = ru.fit_pca(X[:60], n_components=5, seed=0).transform(X[60:])
+    np.testing.assert_array_equal(again, ru.fit_pca(X[:60], n_components=5, seed=0).transform(X[60:]))
+
+
+def test_torch_pca_matches_sklearn():
+    rng = np.random.default_rng(6)
+    X = (rng.normal(size=(120, 8)) @ rng.normal(size=(8, 500)) * 3 + rng.normal(size=(120, 500)) + 5)
+    X = X.astype(np.float32)
+    sk = ru.fit_pca(X[:100], n_components=30, seed=0)
+    tp = ru.fit_pca(X[:100], n_components=30, seed=0, backend="torch", device="cpu")
+    assert tp.n_components_ == 30 and tp.components_.shape == (30, 500)
+    np.testing.assert_allclose(tp.mean_, X[:100].astype(np.float64).mean(0), rtol=1e-5, atol=1e-5)
+    # the 8 planted components: same variances, axes and signs, hence the same scores
+    np.testing.assert_allclose(tp.explained_variance_[:8], sk.explained_variance_[:8], rtol=1e-4)
+    np.testing.assert_allclose(tp.explained_variance_ratio_[:8], sk.explained_variance_ratio_[:8], rtol=1e-4)
+    np.testing.assert_allclose((tp.components_[:8] * sk.components_[:8]).sum(1), 1.0, atol=1e-4)
+    scores_sk, scores_tp = sk.transform(X[100:])[:, :8], tp.transform(X[100:])[:, :8]
+    np.testing.assert_allclose(scores_tp, scores_sk, atol=1e-3 * np.abs(scores_sk).max())

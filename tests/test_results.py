@@ -1,0 +1,208 @@
+"""Best layer, single-subject, cross-subject and classification results on tiny data."""
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import models
+import results_utils
+import utils
+from conftest import REPO, make_tiny_dataset
+
+TINY = ["--weights=none", "--image_size=64", "--device=cpu"]
+
+
+def run(script: str, *args: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, str(REPO / script), *args], capture_output=True, text=True)
+    assert proc.returncode == 0, f"{script} failed:\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def read_csv(path) -> list[dict]:
+    with open(path) as fh:
+        return list(csv.DictReader(fh))
+
+
+def plant_layer_signal(root, out, layer: str, subjects=(1,), noise: float = 0.3, seed: int = 0):
+    """Overwrite the fMRI with a linear readout of one layer of the untuned (weights=none) AlexNet."""
+    rng = np.random.default_rng(seed)
+    backbone = results_utils.load_backbone("untuned:none", "cpu")
+    for subject in subjects:
+        paths = utils.find_subject(root, subject)
+        images = utils.list_images(paths.train_images)
+        cache = utils.load_image_cache(out, subject, images, size=64)
+        feats = models.extract_features(backbone, cache, None, [layer], batch_size=64, device="cpu")[layer]
+        # A readout of the layer's top 10 principal components: what PCA + ridge on that layer can recover.
+        centred = feats - feats.mean(0)
+        scores = np.linalg.svd(centred, full_matrices=False)[0][:, :10]
+        for hemi in utils.HEMISPHERES:
+            width = np.load(paths.fmri[hemi], mmap_mode="r").shape[1]
+            signal = scores @ rng.normal(size=(10, width))
+            signal /= signal.std(0)
+            np.save(paths.fmri[hemi], (signal + noise * rng.normal(size=signal.shape)).astype(np.float32))
+
+
+def test_best_layer_recovers_the_planted_layer(tmp_path):
+    root = make_tiny_dataset(tmp_path / "data", subjects=(1,), n_images=160)
+    plant_layer_signal(root, tmp_path / "out", "features.5")
+    layers = "features.2,features.5,features.12,classifier.6"
+    run("get_best_alex_layer.py", f"--data_dir={root}", f"--out_dir={tmp_path / 'out'}", "--hemispheres=lh",
+        f"--layers={layers}", *TINY)
+    folder = tmp_path / "out" / "best_layer" / "subj01"
+    best = json.loads((folder / "lh_best_layer.json").read_text())
+    nonempty = [r for r in utils.ROI_NAMES if r not in ("mTL-bodies", "mTL-faces", "aTL-faces", "mTL-words")]
+    assert sorted(best) == sorted(nonempty)  # empty ROIs are left out, never a crash
+    assert set(best.values()) == {"features.5"}
+    scores = np.load(folder / "lh_layer_roi_scores.npy")
+    assert scores.shape == (4, 31)
+    assert np.isnan(scores[:, list(utils.ROI_NAMES).index("mTL-faces")]).all()
+    assert (folder / "lh_layer_roi_scores.png").stat().st_size > 10_000
+
+
+def test_test_split_never_reaches_fitting_or_selection(tmp_path):
+    """Scramble the test split's images and fMRI: best layers, their scores and trained weights are unchanged."""
+    clean = make_tiny_dataset(tmp_path / "clean", subjects=(1,), n_images=96)
+    poisoned = tmp_path / "poisoned"
+    shutil.copytree(clean, poisoned)
+    paths = utils.find_subject(poisoned, 1)
+    images = utils.list_images(paths.train_images)
+    test_rows = utils.make_split(images)["test"]
+    rng = np.random.default_rng(1)
+    for i in test_rows:
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(images[i])
+    for hemi in utils.HEMISPHERES:
+        fmri = np.load(paths.fmri[hemi])
+        fmri[test_rows] = 50 * rng.normal(size=fmri[test_rows].shape)
+        np.save(paths.fmri[hemi], fmri)
+
+    outputs = {}
+    for name, root in (("clean", clean), ("poisoned", poisoned)):
+        out = tmp_path / f"out_{name}"
+        run("get_best_alex_layer.py", f"--data_dir={root}", f"--out_dir={out}", "--hemispheres=lh",
+            "--layers=features.5,classifier.6", *TINY)
+        run("cl_model_training.py", f"--data_dir={root}", f"--out_dir={out}", "--roi=FFA-1", "--epochs=2",
+            "--batch_size=24", *TINY)
+        outputs[name] = out
+    for name in ("lh_layer_roi_scores.npy",):
+        np.testing.assert_array_equal(np.load(outputs["clean"] / "best_layer" / "subj01" / name),
+                                      np.load(outputs["poisoned"] / "best_layer" / "subj01" / name))
+    a = models.load_checkpoint(models.checkpoint_path(outputs["clean"], "cl", 1, "lh", "FFA-1"))
+    b = models.load_checkpoint(models.checkpoint_path(outputs["poisoned"], "cl", 1, "lh", "FFA-1"))
+    for key, tensor in a["model"].items():
+        assert np.array_equal(tensor.numpy(), b["model"][key].numpy()), key
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """Tiny end-to-end run: best layer, CL and reg models for FFA-1 of two subjects, all result types."""
+    tmp = tmp_path_factory.mktemp("pipeline")
+    root = make_tiny_dataset(tmp / "data", subjects=(1, 2), n_images=96)
+    rng = np.random.default_rng(0)
+    for k, name in enumerate(("faces", "places", "words")):
+        folder = root / "imagefolder" / name
+        folder.mkdir(parents=True)
+        for i in range(16):
+            img = np.full((32, 32, 3), 60 * k, dtype=np.uint8) + rng.integers(0, 60, (32, 32, 3), dtype=np.uint8)
+            Image.fromarray(img).save(folder / f"{i}.png")
+    out, results = tmp / "out", tmp / "Results"
+    common = [f"--data_dir={root}", f"--out_dir={out}", *TINY]
+    run("get_best_alex_layer.py", *common, "--hemispheres=lh", "--layers=features.5,features.12,classifier.6")
+    for subject in (1, 2):
+        for method in ("cl", "reg"):
+            run(f"{method}_model_training_all_rois.py", *common, f"--subject={subject}", "--hemispheres=lh",
+                "--rois=FFA-1", "--epochs=1", "--batch_size=24")
+    proc = run("generate_results.py", *common, f"--results_dir={results}", "--hemispheres=lh",
+               "--rois=FFA-1,V1v,mTL-faces", "--cross_subj_rois=FFA-1", "--classification_rois=FFA-1",
+               "--n_bootstrap=50", "--classification_max_per_class=16")
+    return {"root": root, "out": out, "results": results, "stdout": proc.stdout}
+
+
+def test_single_subject_tables(pipeline):
+    rows = {r["roi"]: r for r in read_csv(pipeline["results"] / "subj01" / "single_subj_lh.csv")}
+    assert list(rows) == ["FFA-1", "V1v", "mTL-faces"]
+    assert rows["mTL-faces"]["n_voxels"] == "0" and rows["mTL-faces"]["note"] == "empty ROI"
+    for method in ("untuned", "reg", "cl"):
+        assert np.isfinite(float(rows["FFA-1"][f"median_r_{method}"]))
+    assert np.isfinite(float(rows["V1v"]["median_r_untuned"]))
+    assert rows["V1v"]["median_r_cl"] == "nan"  # no model trained for V1v: an empty cell, the rest computed
+    assert 0 <= float(rows["FFA-1"]["pct_improved_cl_vs_untuned"]) <= 100
+    assert 0 <= float(rows["FFA-1"]["wilcoxon_p_cl_vs_untuned"]) <= 1
+    voxel_r = np.load(pipeline["results"] / "subj01" / "single_subj_lh_voxel_r.npz")
+    assert voxel_r["FFA-1"].shape == (3, 30) and np.isfinite(voxel_r["FFA-1"]).all()
+    # The table's numbers are the medians of the saved per-voxel r.
+    for k, method in enumerate(("untuned", "reg", "cl")):
+        assert float(rows["FFA-1"][f"median_r_{method}"]) == pytest.approx(np.median(voxel_r["FFA-1"][k]), abs=1e-6)
+    # % improved, recomputed from the per-voxel r.
+    expected = 100 * np.mean(voxel_r["FFA-1"][2] > voxel_r["FFA-1"][0])
+    assert float(rows["FFA-1"]["pct_improved_cl_vs_untuned"]) == pytest.approx(expected)
+    summary = read_csv(pipeline["results"] / "single_subj_summary.csv")
+    assert [r["group"] for r in summary] == ["Early", "Higher", "Anatomical", "All"]
+    for name in ("single_subj_lh_bars.png", "single_subj_lh_voxel_differences.png", "single_subj_lh.md"):
+        assert (pipeline["results"] / "subj01" / name).is_file()
+        assert utils.sidecar_path(pipeline["results"] / "subj01" / name).is_file()
+
+
+def test_untuned_score_matches_sklearn_and_scipy(pipeline):
+    """Recompute the untuned FFA-1 test r of subject 1 with sklearn Ridge (per-voxel alphas) and scipy."""
+    from scipy.stats import pearsonr
+    from sklearn.linear_model import Ridge
+    root, out = pipeline["root"], pipeline["out"]
+    options = {"data_dir": str(root), "out_dir": str(out), "split_seed": 0, "image_size": 64,
+               "hemispheres": ["lh"], "pca_components": 1000, "seed": 0, "batch_size": 64,
+               "feature_memory_gb": 1.0, "weights": "none", "alpha_mode": "per-voxel",
+               "alphas": [1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7]}
+    study = results_utils.EncodingStudy(options, "cpu")
+    layer = results_utils.load_best_layers(out, 1, "lh")["FFA-1"]
+    feats = results_utils.unit_scale(study.features(1, "untuned:none", [layer])[layer])
+    d = study.subject(1)
+    idx, split = d["rois"]["lh"]["FFA-1"], d["split"]
+    y = d["fmri"]["lh"][:, idx]
+    val_r = np.array([[pearsonr(y[split["val"], v], Ridge(alpha=a).fit(feats["train"], y[split["train"]])
+                                .predict(feats["val"])[:, v])[0] for v in range(len(idx))] for a in options["alphas"]])
+    chosen = np.asarray(options["alphas"])[val_r.argmax(0)]
+    test_r = [pearsonr(y[split["test"], v], Ridge(alpha=chosen[v]).fit(feats["train"], y[split["train"], v])
+                       .predict(feats["test"]))[0] for v in range(len(idx))]
+    voxel_r = np.load(pipeline["results"] / "subj01" / "single_subj_lh_voxel_r.npz")["FFA-1"][0]
+    np.testing.assert_allclose(voxel_r, test_r, atol=2e-3)
+
+
+def test_cross_subject_matrices(pipeline):
+    folder = pipeline["results"] / "cross_subj"
+    for method in ("cl", "reg"):
+        median_r = np.load(folder / f"{method}_lh_FFA-1_median_r.npy")
+        improved = np.load(folder / f"{method}_lh_FFA-1_pct_improved.npy")
+        assert median_r.shape == improved.shape == (2, 2)
+        assert np.isfinite(median_r).all() and ((improved >= 0) & (improved <= 100)).all()
+        assert (folder / f"{method}_lh_FFA-1_median_r.png").is_file()
+    # The diagonal is the single-subject CL score of the same model.
+    rows = {r["roi"]: r for r in read_csv(pipeline["results"] / "subj02" / "single_subj_lh.csv")}
+    diag = np.load(folder / "cl_lh_FFA-1_median_r.npy")[1, 1]
+    assert diag == pytest.approx(float(rows["FFA-1"]["median_r_cl"]), abs=1e-6)
+
+
+def test_classification_probe(pipeline):
+    rows = read_csv(pipeline["results"] / "classification" / "classification_imagefolder.csv")
+    assert [(r["method"], r["subject"]) for r in rows] == [("untuned", "0"), ("cl", "1"), ("reg", "1"),
+                                                           ("cl", "2"), ("reg", "2")]
+    for r in rows:
+        assert 0 <= float(r["accuracy"]) <= 1 and r["n_classes"] == "3"
+    # Three colour-separated classes: even a random-init AlexNet separates them.
+    assert float(rows[0]["accuracy"]) > 0.6
+    assert (pipeline["results"] / "classification" / "classification_imagefolder.png").is_file()
+
+
+def test_missing_best_layer_is_one_clear_error(tmp_path):
+    root = make_tiny_dataset(tmp_path / "data", subjects=(1,))
+    proc = subprocess.run([sys.executable, str(REPO / "generate_results.py"), f"--data_dir={root}",
+                           f"--out_dir={tmp_path / 'out'}", f"--results_dir={tmp_path / 'R'}", *TINY],
+                          capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert "lh_best_layer.json: not found; run get_best_alex_layer.py for subject 1 first" in proc.stderr
+    assert not (tmp_path / "R").exists()
