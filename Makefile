@@ -10,6 +10,7 @@ RESULTS    ?= Results
 # The demo runs offline on CPU: random-init AlexNet, 96 px images, few epochs, small batches.
 DEMO_FLAGS := --data_dir=$(DEMO_DATA) --out_dir=$(DEMO_OUT) --weights=none --image_size=96
 DEMO_ROIS  ?= V1v,FFA-1,PPA
+DEMO_TRAIN := --hemispheres=lh --rois=$(DEMO_ROIS) --epochs=8 --batch_size=128
 
 .PHONY: setup test demo demo-data clean-demo bench
 
@@ -28,6 +29,14 @@ demo-data: setup
 
 demo: demo-data
 	$(PY) generate_voxel_roi_mappings.py --data_dir=$(DEMO_DATA) --out_dir=$(DEMO_OUT)
+	$(PY) get_best_alex_layer.py $(DEMO_FLAGS)
+	for s in 1 2; do \
+	  $(PY) cl_model_training_all_rois.py $(DEMO_FLAGS) $(DEMO_TRAIN) --subject=$$s && \
+	  $(PY) reg_model_training_all_rois.py $(DEMO_FLAGS) $(DEMO_TRAIN) --subject=$$s || exit 1; \
+	done
+	$(PY) generate_results.py $(DEMO_FLAGS) --results_dir=$(RESULTS) --type=all --hemispheres=lh \
+	  --cross_subj_rois=$(DEMO_ROIS) --classification_rois=$(DEMO_ROIS)
+	@echo "demo finished: tables and figures in $(RESULTS)/, models in $(DEMO_OUT)/models/"
 
 bench: setup
 	$(PY) benchmark.py

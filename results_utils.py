@@ -200,7 +200,7 @@ class TorchPCA:
 
 def _fit_pca_torch(X, n_components: int, seed: int, device) -> TorchPCA:
     import torch
-    dev = torch.device(device) if device is not None else default_device()
+    dev = utils.resolve_device(device)
     Xt = torch.as_tensor(X).to(device=dev, dtype=torch.float32)
     n, p = Xt.shape
     mean = (Xt.sum(0, dtype=torch.float64) / n).float()
@@ -244,11 +244,6 @@ def _total_variance(Xt, mean, chunk: int = 1024):
 
 
 # -- Encoding core: ridge with one alpha per voxel, from one eigendecomposition --
-
-
-def default_device():
-    import torch
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 @dataclass
@@ -374,7 +369,7 @@ def fit_ridge(X_train, Y_train, X_val=None, Y_val=None, alphas=DEFAULT_ALPHAS, *
     if select and not has_val:
         raise ValueError("choosing an alpha per voxel needs a validation split (X_val, Y_val); "
                          "or pass one alpha (fixed-alpha mode)")
-    dev = torch.device(device) if device is not None else default_device()
+    dev = utils.resolve_device(device)
     work = {"float32": torch.float32, "float64": torch.float64}[dtype]
     f64 = torch.float64
 

@@ -691,12 +691,16 @@ def load_image_cache(out_dir, subject: int, image_paths, size: int = 224, tag: s
     return np.load(path, mmap_mode="r")
 
 
-def resolve_device(device: str = "auto"):
-    """'auto' -> cuda when present, else cpu; anything else is passed to torch.device."""
+def resolve_device(device="auto"):
+    """'auto' (or None) -> cuda when present, else cpu; a CUDA device where none exists is a one-line error."""
     import torch
-    if device == "auto":
+    if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(device)
+        dev = torch.device(device)
     except RuntimeError as err:
         raise OptionsError(f"--device={device}: {err}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise OptionsError(f"--device={device}: CUDA is not available here (torch.cuda.is_available() is "
+                           "False); use --device=cpu or auto")
+    return dev

@@ -1,0 +1,55 @@
+"""Fine-tune AlexNet by regression (reg baseline) for one subject, hemisphere and ROI.
+
+AlexNet's 1000 outputs feed a linear read-out to the ROI's voxels, trained with MSE on the train split and
+selected on val (lowest val loss); writes out_dir/models/reg/subjXX/<hemi>/<roi>/{best.pt,last.pt,log.csv,done.json}.
+Runs unchanged under `torchrun --nproc_per_node=N reg_model_training.py ...` (DDP; batch_size is the global batch).
+"""
+# ---- OPTIONS (override with --name=value or --config=FILE.json) ----
+data_dir = "algonauts_2023_challenge_data"  # Algonauts 2023 download (read only)
+out_dir = "out"                # everything derived goes here (split, image cache, models)
+subject = 1                    # subject number
+hemisphere = "lh"              # "lh" or "rh"
+roi = "FFA-1"                  # one of the 31 challenge ROIs
+epochs = 75                    # training epochs (paper: 75)
+batch_size = 1024              # global batch size, split over ranks under torchrun (paper: 1024)
+lr = 2.5e-5                    # Adam learning rate (paper: 2.5e-5)
+lr_patience = 3                # ReduceLROnPlateau patience in epochs, on val loss
+lr_factor = 0.1                # ReduceLROnPlateau factor
+weights = "IMAGENET1K_V1"      # "IMAGENET1K_V1" (torchvision cache), "none" (random init) or a local .pth state dict
+dropout = 0.5                  # AlexNet classifier dropout (torchvision default; 0 makes DDP runs match 1 process)
+image_size = 224               # input size in px (PNGs decoded once into the image cache at this size)
+hflip = False                  # random horizontal flips (off: a flip swaps the visual hemifields)
+device = "auto"                # "auto" (cuda if present), "cpu", "cuda", "cuda:1"
+amp = True                     # bfloat16 autocast on GPU
+cpu_bf16 = True                # bfloat16 autocast on CPU where it has bf16 instructions (~1.6x faster there)
+channels_last = True           # channels-last memory format for the conv layers (measured faster on CPU)
+num_threads = 0                # torch CPU threads (0 = torch default)
+seed = 0                       # model init, batch order, dropout
+split_seed = 0                 # train/val/test split seed (shared by every stage)
+resume = False                 # continue an interrupted run from last.pt (exact)
+stop_after_epoch = 0           # stop after this epoch without finishing (0 = train all epochs)
+slim_finished = True           # drop optimizer state from last.pt once done (~0.5 GB less per ROI)
+check_values = True            # scan the fMRI for NaN/inf first
+# ---------------------------------------------------------------------
+import models
+import utils
+
+options = utils.apply_options(globals())
+METHOD = "reg"
+
+runtime = models.setup_runtime(device, num_threads)
+(roi_name,) = utils.check_roi_names([roi])
+data = models.load_training_data(data_dir, out_dir, subject, image_size, split_seed, [hemisphere], check_values,
+                                 runtime=runtime)
+fmri_roi, voxel_indices = models.roi_fmri(data, hemisphere, roi_name)
+run_dir = models.checkpoint_path(out_dir, METHOD, subject, hemisphere, roi_name).parent
+if runtime.is_main:
+    print(f"{METHOD} subject {subject} {hemisphere} {roi_name}: {len(voxel_indices)} voxels, "
+          f"{len(data.split['train'])} train / {len(data.split['val'])} val images, {runtime.world_size} x "
+          f"{runtime.device}")
+summary = models.train_roi_model(METHOD, data.images, fmri_roi, data.split, voxel_indices, run_dir,
+                                 models.TrainSettings.from_options(options), options, runtime)
+if runtime.is_main:
+    print(models.format_table([{"hemisphere": hemisphere, "roi": roi_name, **summary}]))
+    print(f"checkpoints and log in {run_dir}")
+runtime.close()

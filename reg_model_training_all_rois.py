@@ -1,0 +1,59 @@
+"""Fine-tune a regression (reg) AlexNet for every ROI of a subject, one hemisphere after the other.
+
+Loads the image cache and fMRI once for all ROIs. ROIs already finished (done.json) are skipped and a
+half-trained ROI resumes from its last.pt, so a killed sweep restarts where it stopped; ROIs under 20 voxels
+are listed as skipped. --shard=i/n takes every n-th (hemisphere, ROI) job from job i, so n processes or a Slurm
+array (--shard=$SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT) split a sweep without coordination.
+Ends with a table of ROI, voxels, best val metric and minutes, saved as
+out_dir/models/reg/subjXX/summary[_shard-i-of-n].csv.
+"""
+# ---- OPTIONS (override with --name=value or --config=FILE.json) ----
+data_dir = "algonauts_2023_challenge_data"  # Algonauts 2023 download (read only)
+out_dir = "out"                # everything derived goes here (split, image cache, models)
+subject = 1                    # subject number
+hemispheres = ["lh", "rh"]     # hemispheres to sweep
+rois = []                      # ROIs to sweep; [] = all 31
+shard = "0/1"                  # i/n: this process trains jobs i, i+n, i+2n, ... of the sweep
+resume = True                  # skip finished ROIs and resume half-trained ones (false: retrain everything)
+epochs = 75                    # training epochs (paper: 75)
+batch_size = 1024              # global batch size (paper: 1024)
+lr = 2.5e-5                    # Adam learning rate (paper: 2.5e-5)
+lr_patience = 3                # ReduceLROnPlateau patience in epochs, on val loss
+lr_factor = 0.1                # ReduceLROnPlateau factor
+weights = "IMAGENET1K_V1"      # "IMAGENET1K_V1" (torchvision cache), "none" (random init) or a local .pth state dict
+dropout = 0.5                  # AlexNet classifier dropout (torchvision default; 0 makes DDP runs match 1 process)
+image_size = 224               # input size in px
+hflip = False                  # random horizontal flips (off: a flip swaps the visual hemifields)
+device = "auto"                # "auto" (cuda if present), "cpu", "cuda", "cuda:1"
+amp = True                     # bfloat16 autocast on GPU
+cpu_bf16 = True                # bfloat16 autocast on CPU where it has bf16 instructions (~1.6x faster there)
+channels_last = True           # channels-last memory format for the conv layers (measured faster on CPU)
+num_threads = 0                # torch CPU threads (0 = torch default)
+seed = 0                       # model init, batch order, dropout
+split_seed = 0                 # train/val/test split seed (shared by every stage)
+stop_after_epoch = 0           # stop each ROI after this epoch without finishing (0 = train all epochs)
+slim_finished = True           # drop optimizer state from last.pt once done (~0.5 GB less per ROI)
+check_values = True            # scan the fMRI for NaN/inf first
+# ---------------------------------------------------------------------
+from pathlib import Path
+
+import models
+import utils
+
+options = utils.apply_options(globals())
+METHOD = "reg"
+
+runtime = models.setup_runtime(device, num_threads)
+shard_i, shard_n = models.parse_shard(shard)
+jobs = models.sweep_jobs(hemispheres, rois, (shard_i, shard_n))
+data = models.load_training_data(data_dir, out_dir, subject, image_size, split_seed,
+                                 sorted({h for h, _ in jobs}), check_values, fmri_in_ram=True, runtime=runtime)
+rows = models.train_roi_sweep(METHOD, data, jobs, out_dir, models.TrainSettings.from_options(options), options,
+                              runtime)
+if runtime.is_main:
+    name = "summary.csv" if shard_n == 1 else f"summary_shard-{shard_i}-of-{shard_n}.csv"
+    table_path = Path(out_dir) / "models" / METHOD / utils.subject_dir_name(subject) / name
+    utils.save_csv(table_path, rows, options)
+    print(models.format_table(rows))
+    print(f"summary saved to {table_path}")
+runtime.close()
