@@ -4,7 +4,6 @@
 (b) ours vs sklearn RidgeCV(alphas, alpha_per_target=True) (target: ours >= 10x faster);
 (c) vectorised pearson_r vs a scipy.stats.pearsonr loop over voxels (target >= 100x);
 (d) peak memory (RSS) of the process running our fit, data included (target < 6 GB);
-(e) fit_pca backends on a wide layer: sklearn randomized PCA vs the torch port (no target; picks the default).
 Every fit runs in a fresh child process (its own peak RSS; no torch/OpenBLAS thread pools spinning
 against each other) and the methods alternate over rounds, so background load hits them alike.
 Both libraries get the same float32 arrays; the table says what dtype each computed in.
@@ -19,8 +18,7 @@ n_features = 1000                # features (e.g. PCA components)
 n_voxels = 20000                 # voxels
 n_alphas = 7                     # alpha grid np.logspace(1, 7, n_alphas)
 seed = 0                         # synthetic data seed
-benchmarks = ["ridge", "ridgecv", "pearson", "memory", "pca"]  # which to run
-pca_shape = [2000, 20000, 500]   # (e): images, features, components
+benchmarks = ["ridge", "ridgecv", "pearson", "memory"]  # which to run
 rounds = 3                       # child processes per ridge method, interleaved
 fits_per_child = 3               # timed fits in each child (the first includes library start-up)
 write_summary = True             # write benchmark.md and benchmark.json to out_dir
@@ -34,10 +32,10 @@ import results_utils
 import utils
 
 options = utils.apply_options(globals())
-unknown = set(benchmarks) - {"ridge", "ridgecv", "pearson", "memory", "pca"}
+unknown = set(benchmarks) - {"ridge", "ridgecv", "pearson", "memory"}
 if unknown:
     raise utils.OptionsError(f"--benchmarks: unknown {sorted(unknown)}; "
-                             "choose from ridge, ridgecv, pearson, memory, pca")
+                             "choose from ridge, ridgecv, pearson, memory")
 
 sizes = dict(n_train=n_train, n_val=n_val, n_features=n_features, n_voxels=n_voxels, n_alphas=n_alphas, seed=seed)
 print(f"synthetic data: {sizes}")
@@ -119,17 +117,6 @@ if "memory" in benchmarks:
     data_gb = max(r["data_rss_gb"] for r in runs["ours"])
     rows.append(("(d) peak RSS of the process fitting ours (data included)", f"{peak:.2f} GB",
                  f"{data_gb:.2f} GB after making the data", "", "< 6 GB", peak < 6))
-if "pca" in benchmarks:
-    n_img, n_feat, n_comp = pca_shape
-    print(f"(e) PCA({n_comp}) of {n_img} x {n_feat} features")
-    pca_runs = {b: results_utils.run_in_child("time_pca_fit", backend=b, n_images=n_img, n_features=n_feat,
-                                              n_components=n_comp, seed=seed) for b in ("sklearn", "torch")}
-    results["pca"] = pca_runs
-    sk_s, tp_s = pca_runs["sklearn"]["best_s"], pca_runs["torch"]["best_s"]
-    rows.append((f"(e) PCA({n_comp}) of {n_img} x {n_feat}: torch port vs sklearn randomized",
-                 f"{tp_s:.2f} s (torch, {pca_runs['torch']['peak_rss_gb']:.2f} GB)",
-                 f"{sk_s:.2f} s (sklearn, {pca_runs['sklearn']['peak_rss_gb']:.2f} GB)",
-                 f"torch/sklearn = {tp_s / sk_s:.2f}", "none (picks fit_pca's default)", None))
 if "ours" in runs:
     results["ours_alpha_summary"] = runs["ours"][0]["alpha_summary"]
 

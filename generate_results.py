@@ -65,8 +65,9 @@ if "single-subj" in types:
         for hemi in hemispheres:
             rows, voxel_r, missing = results_utils.single_subject_rows(study, subject, hemi, roi_list,
                                                                        n_bootstrap, seed)
-            for note in missing:
-                print(f"note: subj{subject:02d} {hemi}: no {note}; its cells are left empty (NaN)")
+            for method, absent in missing.items():
+                print(f"note: subj{subject:02d} {hemi}: no {method} model for {len(absent)} ROI(s) "
+                      f"({', '.join(absent)}); their cells are left empty (NaN)")
             base = results / utils.subject_dir_name(subject) / f"single_subj_{hemi}"
             utils.save_csv(base.with_suffix(".csv"), rows, options, **meta)
             utils.save_npz(base.with_name(base.name + "_voxel_r.npz"), voxel_r, options,

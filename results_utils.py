@@ -163,84 +163,18 @@ def noise_normalized(r, noise_ceiling):
 # -- Encoding core: PCA (fit on train only) --
 
 
-def fit_pca(X_train, n_components: int = 1000, seed: int = 0, backend: str = "sklearn", device=None):
-    """Randomized PCA fitted on the train rows only; use the result's .transform on every split.
+def fit_pca(X_train, n_components: int = 1000, seed: int = 0):
+    """sklearn's randomized PCA fitted on the train rows only; use its .transform on every split.
 
-    backend 'sklearn': PCA(svd_solver='randomized', random_state=seed). backend 'torch': the same
-    algorithm (Halko et al.; sklearn's oversampling and iteration count) in torch on `device` (GPU
-    when present), centring implicitly so a wide layer is never copied. n_components is capped at
-    min(n_images, n_features) (beyond that PCA is a rotation and changes no ridge prediction).
+    n_components is capped at min(n_images, n_features) (beyond that PCA is a rotation and changes no
+    ridge prediction). A torch port measured 1.7x slower than sklearn on the 2-core CPU, so none is kept.
     """
     X_train = X_train if _is_torch(X_train) else np.asarray(X_train)
     if X_train.ndim != 2 or X_train.shape[0] < 2:
         raise utils.DataError(f"PCA input of shape {tuple(X_train.shape)}: expected images x features with >= 2 images")
     n_components = int(min(n_components, *X_train.shape))
-    if backend == "torch":
-        return _fit_pca_torch(X_train, n_components, seed, device)
-    if backend != "sklearn":
-        raise ValueError(f"backend={backend!r}: expected 'sklearn' or 'torch'")
     from sklearn.decomposition import PCA
     return PCA(n_components=n_components, svd_solver="randomized", random_state=seed).fit(X_train)
-
-
-@dataclass
-class TorchPCA:
-    """A PCA fitted by fit_pca(backend='torch'), with sklearn's attribute names."""
-    mean_: np.ndarray                 # features
-    components_: np.ndarray           # n_components x features (rows: unit principal axes)
-    explained_variance_: np.ndarray   # n_components
-    explained_variance_ratio_: np.ndarray
-    n_components_: int
-
-    def transform(self, X) -> np.ndarray:
-        """Principal-component scores (images x n_components, float32)."""
-        X = np.asarray(X)
-        return ((X - self.mean_.astype(X.dtype)) @ self.components_.T.astype(X.dtype)).astype(np.float32)
-
-
-def _fit_pca_torch(X, n_components: int, seed: int, device) -> TorchPCA:
-    import torch
-    dev = utils.resolve_device(device)
-    Xt = torch.as_tensor(X).to(device=dev, dtype=torch.float32)
-    n, p = Xt.shape
-    mean = (Xt.sum(0, dtype=torch.float64) / n).float()
-    size = min(n_components + 10, n, p)                       # sklearn: n_oversamples=10
-    n_iter = 7 if n_components < 0.1 * min(n, p) else 4      # sklearn's n_iter='auto'
-
-    def centred_times(Q):           # (X - mean) @ Q without forming X - mean
-        return Xt @ Q - (mean @ Q)[None, :]
-
-    def centred_t_times(P):         # (X - mean)^T @ P
-        return Xt.T @ P - mean[:, None] * P.sum(0)[None, :]
-
-    def orthonormal(M):
-        with _one_cpu_thread(dev, M.shape[1]):
-            return torch.linalg.qr(M).Q
-
-    gen = torch.Generator(device=dev).manual_seed(seed)
-    Q = orthonormal(centred_times(torch.randn(p, size, generator=gen, device=dev)))
-    for _ in range(n_iter):
-        Q = orthonormal(centred_times(orthonormal(centred_t_times(Q))))
-    B = centred_t_times(Q).T.double()                         # size x p = Q^T (X - mean)
-    with _one_cpu_thread(dev, B.shape[0]):
-        _, S, Vt = torch.linalg.svd(B, full_matrices=False)
-    Vt = Vt[:n_components]
-    # sklearn's sign convention (svd_flip on V): each axis's largest-magnitude loading is positive
-    signs = torch.sign(Vt.gather(1, Vt.abs().argmax(1, keepdim=True)))
-    Vt = Vt * signs
-    var = S[:n_components] ** 2 / (n - 1)
-    total = _total_variance(Xt, mean)
-    return TorchPCA(mean_=mean.cpu().double().numpy(), components_=Vt.float().cpu().numpy(),
-                    explained_variance_=var.cpu().numpy(), explained_variance_ratio_=(var / total).cpu().numpy(),
-                    n_components_=n_components)
-
-
-def _total_variance(Xt, mean, chunk: int = 1024):
-    """Sum of the feature variances, in row chunks (no full-size centred copy)."""
-    total = 0.0
-    for start in range(0, Xt.shape[0], chunk):
-        total = total + ((Xt[start:start + chunk] - mean).double() ** 2).sum()
-    return total / (Xt.shape[0] - 1)
 
 
 # -- Encoding core: ridge with one alpha per voxel, from one eigendecomposition --
@@ -669,20 +603,6 @@ def time_ridge_fit(method: str, n_train: int, n_val: int, n_features: int, n_vox
             "data_rss_gb": data_rss, "peak_rss_gb": peak_rss_gb(), **info}
 
 
-def time_pca_fit(backend: str, n_images: int, n_features: int, n_components: int, seed: int = 0,
-                 repeats: int = 2) -> dict:
-    """Time fit_pca on a synthetic wide layer (low-rank signal + noise); best of repeats and peak RSS."""
-    rng = np.random.default_rng(seed)
-    X = rng.standard_normal((n_images, 50), dtype=np.float32) @ rng.standard_normal((50, n_features), dtype=np.float32)
-    X += rng.standard_normal((n_images, n_features), dtype=np.float32)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fit_pca(X, n_components, seed, backend=backend)
-        times.append(time.perf_counter() - t0)
-    return {"backend": backend, "times_s": times, "best_s": min(times), "peak_rss_gb": peak_rss_gb()}
-
-
 def run_in_child(function: str, **kwargs) -> dict:
     """Run results_utils.<function>(**kwargs) in a fresh Python process and return its JSON-able dict."""
     code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import results_utils as ru; "
@@ -899,7 +819,9 @@ def markdown_table(rows: list[dict], columns, float_format: str = "{:.3f}") -> s
     """GitHub Markdown table of selected columns."""
     def cell(v):
         if isinstance(v, float):
-            return "–" if not np.isfinite(v) else float_format.format(v)
+            if not np.isfinite(v):
+                return "–"
+            return f"{v:.1e}" if 0 < abs(v) < 1e-3 else float_format.format(v)  # small p-values stay readable
         return str(v)
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
     lines += ["| " + " | ".join(cell(r.get(c, "")) for c in columns) + " |" for r in rows]
@@ -1008,6 +930,8 @@ def plot_probe_bars(rows: list[dict], title: str):
     chance = rows[0].get("chance") if rows else None
     if chance:
         ax.axhline(100 * chance, color="grey", ls=":", lw=1, label="chance")
+    for method in dict.fromkeys(r["method"] for r in tuned):
+        ax.bar([], [], color=METHOD_COLOURS.get(method), label=METHOD_LABELS.get(method, method))
     ax.set_xticks(range(len(tuned)), labels, rotation=90, fontsize=7)
     ax.set_xlabel("backbone (method, subject, hemisphere, ROI)")
     ax.set_ylabel("linear-probe test accuracy (%)")
@@ -1101,12 +1025,13 @@ SINGLE_SUBJ_COLUMNS = ["roi", "group", "n_voxels", "untuned_layer", "median_r_un
 
 def single_subject_rows(study: EncodingStudy, subject: int, hemi: str, rois, n_bootstrap: int = 1000,
                         seed: int = 0):
-    """Per-ROI rows (median/mean r per method, % voxels improved, statistics), per-voxel r, missing models.
+    """Per-ROI rows (median/mean r per method, % voxels improved, statistics), per-voxel r, and
+    {method: ROIs without a model}.
 
     Rows are wide (one column per method and statistic); long rows for group_summary come from
     long_rows(). Methods without a model give NaN cells; empty ROIs give a row with n_voxels 0.
     """
-    rows, voxel_r, missing = [], {}, []
+    rows, voxel_r, missing = [], {}, {}
     d = study.subject(subject)
     best = load_best_layers(study.o["out_dir"], subject, hemi)
     for roi in rois:
@@ -1119,7 +1044,8 @@ def single_subject_rows(study: EncodingStudy, subject: int, hemi: str, rois, n_b
         fits = {"untuned": study.untuned(subject, hemi, roi),
                 "reg": study.tuned("reg", subject, subject, hemi, roi),
                 "cl": study.tuned("cl", subject, subject, hemi, roi)}
-        missing += [f"{m} model of {roi}" for m, fit in fits.items() if fit is None]
+        for m in (m for m, fit in fits.items() if fit is None):
+            missing.setdefault(m, []).append(roi)
         r = {m: (fit[1] if fit is not None else np.full(len(idx), np.nan)) for m, fit in fits.items()}
         voxel_r[roi] = np.stack([r["untuned"], r["reg"], r["cl"]]).astype(np.float32)
         whole_roi = {roi: np.arange(len(idx))}
@@ -1150,9 +1076,13 @@ def _group_of(roi: str) -> str:
 
 
 def long_rows(rows: list[dict], methods=("untuned", "reg", "cl")) -> list[dict]:
-    """Wide single-subject rows -> one row per (ROI, method) with median_r, as group_summary expects."""
-    return [{"roi": r["roi"], "method": m, "median_r": r.get(f"median_r_{m}", np.nan)}
-            for r in rows if r["n_voxels"] for m in methods]
+    """Wide single-subject rows -> one row per (ROI, method) with median_r, as group_summary expects.
+
+    Only ROIs where every method has a score enter, so group averages compare methods on the same ROIs.
+    """
+    complete = [r for r in rows if r["n_voxels"]
+                and all(np.isfinite(float(r.get(f"median_r_{m}", np.nan))) for m in methods)]
+    return [{"roi": r["roi"], "method": m, "median_r": r[f"median_r_{m}"]} for r in complete for m in methods]
 
 
 def percent_improved(r_new, r_base) -> float:
@@ -1236,7 +1166,7 @@ def linear_probe_accuracy(features: np.ndarray, labels: np.ndarray, test_fractio
 
 def group_table(rows: list[dict], methods=("untuned", "reg", "cl")) -> list[dict]:
     """The paper's table: per group (Early / Higher / Anatomical / All) the mean over ROIs of median test r
-    for each method, and the mean % of voxels where CL beats untuned and reg."""
+    for each method (ROIs with all methods only), and the mean % of voxels where CL beats untuned and reg."""
     long = group_summary(long_rows(rows, methods))
     table = []
     for group in list(utils.ROI_GROUPS) + ["All"]:
