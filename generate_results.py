@@ -57,7 +57,6 @@ for subject in subject_list:  # validate every subject (and the best-layer files
         results_utils.load_best_layers(out_dir, subject, hemi)
 results = Path(results_dir)
 roi_list = utils.check_roi_names(rois) if rois else list(utils.ROI_NAMES)
-meta = {"split_files": [str(utils.split_path(out_dir, s)) for s in subject_list]}
 
 if "single-subj" in types:
     all_rows = []
@@ -69,9 +68,9 @@ if "single-subj" in types:
                 print(f"note: subj{subject:02d} {hemi}: no {method} model for {len(absent)} ROI(s) "
                       f"({', '.join(absent)}); their cells are left empty (NaN)")
             base = results / utils.subject_dir_name(subject) / f"single_subj_{hemi}"
-            utils.save_csv(base.with_suffix(".csv"), rows, options, **meta)
+            utils.save_csv(base.with_suffix(".csv"), rows, options, **study.provenance())
             utils.save_npz(base.with_name(base.name + "_voxel_r.npz"), voxel_r, options,
-                           rows=["untuned", "reg", "cl"], metric="test Pearson r per voxel", **meta)
+                           rows=["untuned", "reg", "cl"], metric="test Pearson r per voxel", **study.provenance())
             title = f"{utils.subject_dir_name(subject)} {hemi}"
             utils.save_text(base.with_suffix(".md"), f"## {title}: median test Pearson r per ROI\n\n"
                             + results_utils.markdown_table(rows, results_utils.SINGLE_SUBJ_COLUMNS), options)
@@ -84,7 +83,7 @@ if "single-subj" in types:
                                   f"{title}: CL-tuned minus untuned, per voxel", "r(CL) - r(untuned)"), options)
             all_rows += rows
     summary = results_utils.group_table(all_rows)
-    utils.save_csv(results / "single_subj_summary.csv", summary, options, **meta)
+    utils.save_csv(results / "single_subj_summary.csv", summary, options, **study.provenance())
     utils.save_text(results / "single_subj_summary.md",
                     "## Median test Pearson r, averaged over ROIs, subjects and hemispheres\n\n"
                     + results_utils.markdown_table(summary, list(summary[0])), options)
@@ -97,9 +96,10 @@ if "cross-subj" in types:
             for method in methods:
                 median_r, improved = results_utils.cross_subject_matrices(study, subject_list, hemi, roi, method)
                 base = results / "cross_subj" / f"{method}_{hemi}_{roi}"
-                extra = {"rows": "source subject (backbone)", "columns": "target subject", "subjects": subject_list}
-                utils.save_npy(base.with_name(base.name + "_median_r.npy"), median_r, options, **extra, **meta)
-                utils.save_npy(base.with_name(base.name + "_pct_improved.npy"), improved, options, **extra, **meta)
+                extra = {"rows": "source subject (backbone)", "columns": "target subject", "subjects": subject_list,
+                         **study.provenance()}
+                utils.save_npy(base.with_name(base.name + "_median_r.npy"), median_r, options, **extra)
+                utils.save_npy(base.with_name(base.name + "_pct_improved.npy"), improved, options, **extra)
                 utils.save_figure(base.with_name(base.name + "_median_r.png"), results_utils.plot_transfer_matrix(
                     median_r, subject_list, f"{method.upper()}-tuned {roi} {hemi}: median test r",
                     "median Pearson r (test split)"), options)
@@ -134,7 +134,7 @@ if "classification-task" in types:
                      "chance": float(np.max(np.bincount(labels)) / len(labels)), "n_images": len(labels),
                      "n_classes": len(classes), "checkpoint": spec})
     name = f"classification_{classification_dataset}"
-    utils.save_csv(results / "classification" / f"{name}.csv", rows, options, classes=classes, **meta)
+    utils.save_csv(results / "classification" / f"{name}.csv", rows, options, classes=classes, **study.provenance())
     utils.save_figure(results / "classification" / f"{name}.png", results_utils.plot_probe_bars(
         rows, f"Linear probe on {classification_dataset} ({len(classes)} classes, {probe_layer})"), options)
     print(results_utils.format_table(rows, ["method", "subject", "hemisphere", "roi", "accuracy"]))

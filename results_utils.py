@@ -671,7 +671,8 @@ def layer_features(out_dir, subject: int, spec: str, layers, image_cache, split:
     train_hash = _indices_hash(split["train"])
 
     def file_of(layer, split_name):
-        return cache_dir / f"{layer}_{image_size}px_pca{pca_components}-{train_hash}_{split_name}-{_indices_hash(split[split_name])}.npy"
+        split_hash = _indices_hash(split[split_name])
+        return cache_dir / f"{layer}_{image_size}px_pca{pca_components}-{train_hash}_{split_name}-{split_hash}.npy"
 
     def pca_file(layer):
         return cache_dir / f"{layer}_{image_size}px_pca{pca_components}-{train_hash}_pca.npz"
@@ -951,6 +952,12 @@ class EncodingStudy:
         self._subjects: dict = {}
         self._untuned: dict = {}
         self._tuned: dict = {}
+        self.checkpoints_used: set = set()
+
+    def provenance(self) -> dict:
+        """What results so far came from: the split files and the model checkpoints (for sidecars)."""
+        return {"split_files": [str(utils.split_path(self.o["out_dir"], s)) for s in sorted(self._subjects)],
+                "checkpoints": sorted(self.checkpoints_used)}
 
     def alphas(self, tuned: bool):
         """Per-voxel grid, or the paper's fixed alpha (untuned 1e3, tuned 1e4) in paper mode."""
@@ -1008,6 +1015,7 @@ class EncodingStudy:
                 self._tuned[key] = None
             else:
                 layer = self.o["tuned_layer"]
+                self.checkpoints_used.add(str(ckpt))
                 feats = self.features(target, str(ckpt), [layer])[layer]
                 self._tuned[key] = encode_test(feats, d["fmri"][hemi], d["split"], idx, self.alphas(True),
                                                self.device)

@@ -550,6 +550,27 @@ def format_roi_size_table(sizes: dict) -> str:
     return "\n".join(lines)
 
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def check_png_files(image_paths) -> None:
+    """Cheap check that each file starts with the PNG signature and ends with the IEND chunk.
+
+    Catches truncated downloads before anything is written; corrupt data inside a file is caught when
+    the image cache decodes it.
+    """
+    for path in image_paths:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            fh.seek(max(0, size - 12))
+            tail = fh.read(12)
+        if head != _PNG_SIGNATURE or tail[4:8] != b"IEND":
+            raise DataError(f"{path}: truncated or not a PNG (missing PNG signature or IEND chunk); "
+                            "expected a complete PNG image")
+
+
 def validate_subject(paths: SubjectPaths, check_values: bool = True) -> dict:
     """Check a subject's files agree (images = fMRI rows, masks = fMRI columns, finite values).
 
@@ -558,6 +579,7 @@ def validate_subject(paths: SubjectPaths, check_values: bool = True) -> dict:
     images = list_images(paths.train_images)
     if not images:
         raise DataError(f"{paths.train_images}: no PNG training images found")
+    check_png_files(images)
     n_vertices = {}
     for hemi in HEMISPHERES:
         fmri = load_fmri(paths, hemi)

@@ -130,13 +130,18 @@ def _break(kind: str, root: Path) -> str:
     if kind == "missing_hemisphere":
         paths.fmri["rh"].unlink()
         return "rh_training_fmri.npy: rh training fMRI file not found"
+    if kind == "truncated_png":
+        image = utils.list_images(paths.train_images)[7]
+        image.write_bytes(image.read_bytes()[:200])
+        return f"{image.name}: truncated or not a PNG"
     if kind == "wrong_shape":
         np.save(paths.fmri["lh"], np.zeros(48, dtype=np.float32))
         return "expected a 2-D images x vertices array, found shape (48,)"
     raise ValueError(kind)
 
 
-@pytest.mark.parametrize("kind", ["image_count", "mask_length", "nan", "missing_hemisphere", "wrong_shape"])
+@pytest.mark.parametrize("kind", ["image_count", "mask_length", "nan", "missing_hemisphere", "wrong_shape",
+                                  "truncated_png"])
 def test_validation_errors_exit_nonzero_with_one_line_and_write_nothing(tmp_path, kind):
     root = make_tiny_dataset(tmp_path / "d")
     expected = _break(kind, root)
