@@ -39,21 +39,4 @@ import models
 import utils
 
 options = utils.apply_options(globals())
-METHOD = "cl"
-
-runtime = models.setup_runtime(device, num_threads)
-(roi_name,) = utils.check_roi_names([roi])
-data = models.load_training_data(data_dir, out_dir, subject, image_size, split_seed, [hemisphere], check_values,
-                                 runtime=runtime)
-fmri_roi, voxel_indices = models.roi_fmri(data, hemisphere, roi_name)
-run_dir = models.checkpoint_path(out_dir, METHOD, subject, hemisphere, roi_name).parent
-if runtime.is_main:
-    print(f"{METHOD} subject {subject} {hemisphere} {roi_name}: {len(voxel_indices)} voxels, "
-          f"{len(data.split['train'])} train / {len(data.split['val'])} val images, {runtime.world_size} x "
-          f"{runtime.device}")
-summary = models.train_roi_model(METHOD, data.images, fmri_roi, data.split, voxel_indices, run_dir,
-                                 models.TrainSettings.from_options(options), options, runtime)
-if runtime.is_main:
-    print(models.format_table([{"hemisphere": hemisphere, "roi": roi_name, **summary}]))
-    print(f"checkpoints and log in {run_dir}")
-runtime.close()
+models.run_single_roi_script("cl", options)

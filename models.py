@@ -883,6 +883,46 @@ def train_roi_sweep(method: str, data: TrainingData, jobs, out_dir, settings: Tr
     return rows
 
 
+def run_single_roi_script(method: str, o: dict) -> dict:
+    """The body of cl_/reg_model_training.py: train one subject / hemisphere / ROI from the script's options."""
+    runtime = setup_runtime(o["device"], o["num_threads"])
+    (roi,) = utils.check_roi_names([o["roi"]])
+    hemi, subject = o["hemisphere"], o["subject"]
+    data = load_training_data(o["data_dir"], o["out_dir"], subject, o["image_size"], o["split_seed"], [hemi],
+                              o["check_values"], runtime=runtime)
+    fmri, voxel_indices = roi_fmri(data, hemi, roi)
+    run_dir = checkpoint_path(o["out_dir"], method, subject, hemi, roi).parent
+    if runtime.is_main:
+        print(f"{method} subject {subject} {hemi} {roi}: {len(voxel_indices)} voxels, "
+              f"{len(data.split['train'])} train / {len(data.split['val'])} val images, {runtime.world_size} x "
+              f"{runtime.device}")
+    summary = train_roi_model(method, data.images, fmri, data.split, voxel_indices, run_dir,
+                              TrainSettings.from_options(o), o, runtime)
+    if runtime.is_main:
+        print(format_table([{"hemisphere": hemi, "roi": roi, **summary}]))
+        print(f"checkpoints and log in {run_dir}")
+    runtime.close()
+    return summary
+
+
+def run_sweep_script(method: str, o: dict) -> list[dict]:
+    """The body of cl_/reg_model_training_all_rois.py: this shard's (hemisphere, ROI) jobs, then a summary CSV."""
+    runtime = setup_runtime(o["device"], o["num_threads"])
+    shard_i, shard_n = parse_shard(o["shard"])
+    jobs = sweep_jobs(o["hemispheres"], o["rois"], (shard_i, shard_n))
+    data = load_training_data(o["data_dir"], o["out_dir"], o["subject"], o["image_size"], o["split_seed"],
+                              sorted({h for h, _ in jobs}), o["check_values"], fmri_in_ram=True, runtime=runtime)
+    rows = train_roi_sweep(method, data, jobs, o["out_dir"], TrainSettings.from_options(o), o, runtime)
+    if runtime.is_main:
+        name = "summary.csv" if shard_n == 1 else f"summary_shard-{shard_i}-of-{shard_n}.csv"
+        table_path = Path(o["out_dir"]) / "models" / method / utils.subject_dir_name(o["subject"]) / name
+        utils.save_csv(table_path, rows, o)
+        print(format_table(rows))
+        print(f"summary saved to {table_path}")
+    runtime.close()
+    return rows
+
+
 def format_table(rows: list[dict]) -> str:
     """Rows of dicts -> aligned text table (floats to 4 significant digits)."""
     if not rows:

@@ -35,25 +35,8 @@ stop_after_epoch = 0           # stop each ROI after this epoch without finishin
 slim_finished = True           # drop optimizer state from last.pt once done (~0.5 GB less per ROI)
 check_values = True            # scan the fMRI for NaN/inf first
 # ---------------------------------------------------------------------
-from pathlib import Path
-
 import models
 import utils
 
 options = utils.apply_options(globals())
-METHOD = "reg"
-
-runtime = models.setup_runtime(device, num_threads)
-shard_i, shard_n = models.parse_shard(shard)
-jobs = models.sweep_jobs(hemispheres, rois, (shard_i, shard_n))
-data = models.load_training_data(data_dir, out_dir, subject, image_size, split_seed,
-                                 sorted({h for h, _ in jobs}), check_values, fmri_in_ram=True, runtime=runtime)
-rows = models.train_roi_sweep(METHOD, data, jobs, out_dir, models.TrainSettings.from_options(options), options,
-                              runtime)
-if runtime.is_main:
-    name = "summary.csv" if shard_n == 1 else f"summary_shard-{shard_i}-of-{shard_n}.csv"
-    table_path = Path(out_dir) / "models" / METHOD / utils.subject_dir_name(subject) / name
-    utils.save_csv(table_path, rows, options)
-    print(models.format_table(rows))
-    print(f"summary saved to {table_path}")
-runtime.close()
+models.run_sweep_script("reg", options)
