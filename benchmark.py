@@ -9,7 +9,6 @@ against each other) and the methods alternate over rounds, so background load hi
 Both libraries get the same float32 arrays; the table says what dtype each computed in.
 """
 # ---- OPTIONS (override with --name=value or --config=FILE.json) ----
-data_dir = ""                    # unused: the benchmark makes its own synthetic data
 out_dir = "out/benchmark"        # benchmark.md / benchmark.json go here (with write_summary)
 n_train = 8000                   # train images
 n_val = 1000                     # validation images (alpha selection)
@@ -22,16 +21,76 @@ benchmarks = ["ridge", "ridgecv", "pearson", "memory"]  # which to run
 rounds = 3                       # child processes per ridge method, interleaved
 fits_per_child = 3               # timed fits in each child (the first includes library start-up)
 write_summary = True             # write benchmark.md and benchmark.json to out_dir
+child = ""                       # internal: JSON of one timed fit, run in a fresh process by the parent
 # ---------------------------------------------------------------------
+import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-import results_utils
+import encoding
+import options
+import outputs
 import utils
 
-options = utils.apply_options(globals())
+
+def peak_rss_gb() -> float:
+    """Peak resident memory of this process so far, GB (Linux ru_maxrss is in KiB)."""
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+
+
+def time_ridge_fit(method: str, n_train: int, n_val: int, n_features: int, n_voxels: int, n_alphas: int,
+                   seed: int = 0, repeats: int = 3) -> dict:
+    """Make synthetic data, then time one ridge method: 'ours' (per-voxel alpha), 'sklearn_ridge' (one
+    fixed alpha), or 'sklearn_ridgecv' (alpha_per_target, LOO on train). Returns times, peak memory, dtypes.
+
+    Meant to run in a fresh process (run_in_child) so the peak memory is this fit's alone.
+    """
+    data = encoding.make_synthetic_encoding_data(n_train, n_val, 0, n_features, n_voxels, seed=seed)
+    alphas = np.logspace(1, 7, n_alphas)
+    data_rss = peak_rss_gb()
+    times, cpu_times, info = [], [], {}
+    for _ in range(repeats):
+        t0, c0 = time.perf_counter(), time.process_time()
+        if method == "ours":
+            fit = encoding.fit_ridge(data["X_train"], data["Y_train"], data["X_val"], data["Y_val"], alphas=alphas)
+            info = {"dtype": "float32 (torch)", "alpha_summary": fit.alpha_summary()}
+        elif method == "sklearn_ridge":
+            from sklearn.linear_model import Ridge
+            fit = Ridge(alpha=encoding.PAPER_ALPHA_UNTUNED).fit(data["X_train"], data["Y_train"])
+            info = {"dtype": str(fit.coef_.dtype), "solver": fit.solver_}
+        elif method == "sklearn_ridgecv":
+            from sklearn.linear_model import RidgeCV
+            fit = RidgeCV(alphas=alphas, alpha_per_target=True).fit(data["X_train"], data["Y_train"])
+            info = {"dtype": str(fit.coef_.dtype)}
+        else:
+            raise ValueError(f"unknown method {method!r}")
+        times.append(time.perf_counter() - t0)
+        cpu_times.append(time.process_time() - c0)
+        del fit
+    return {"method": method, "times_s": times, "cpu_s": cpu_times, "median_s": float(np.median(times)),
+            "data_rss_gb": data_rss, "peak_rss_gb": peak_rss_gb(), **info}
+
+
+
+def run_in_child(**kwargs) -> dict:
+    """time_ridge_fit(**kwargs) in a fresh `python benchmark.py --child=...` process (its own peak RSS)."""
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), f"--child={json.dumps(kwargs)}"],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"child time_ridge_fit({kwargs}) failed:\n{proc.stderr[-3000:]}")
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("@@RESULT@@")][-1]
+    return json.loads(line[len("@@RESULT@@"):])
+
+
+config = options.apply_options(globals())
+if child:
+    print("@@RESULT@@" + json.dumps(time_ridge_fit(**json.loads(child))))
+    sys.exit(0)
 unknown = set(benchmarks) - {"ridge", "ridgecv", "pearson", "memory"}
 if unknown:
     raise utils.OptionsError(f"--benchmarks: unknown {sorted(unknown)}; "
@@ -49,7 +108,7 @@ def torch_threads():
 
 def child(method, repeats):
     t0 = time.perf_counter()
-    res = results_utils.run_in_child("time_ridge_fit", method=method, repeats=repeats, **sizes)
+    res = run_in_child(method=method, repeats=repeats, **sizes)
     print(f"  {method:16s} fits {', '.join(f'{t:.2f}' for t in res['times_s'])} s (cpu "
           f"{', '.join(f'{t:.1f}' for t in res['cpu_s'])} s)   peak RSS "
           f"{res['peak_rss_gb']:.2f} GB   (child {time.perf_counter() - t0:.0f} s)")
@@ -75,7 +134,7 @@ def timing(method):
     return float(np.min(times)), float(np.median(times))
 
 
-rows, results = [], {"options": options, "runs": runs}
+rows, results = [], {"options": config, "runs": runs}
 if "ours" in runs and "sklearn_ridge" in runs:
     (ours_s, ours_med), (sk_s, sk_med) = timing("ours"), timing("sklearn_ridge")
     rows.append(("(a) fit time: ours (per-voxel alpha) vs sklearn Ridge (fixed alpha)",
@@ -101,7 +160,7 @@ if "pearson" in benchmarks:
     vec_times = []
     for _ in range(5):
         t0 = time.perf_counter()
-        r_vec = results_utils.pearson_r(y_true, y_pred)
+        r_vec = encoding.pearson_r(y_true, y_pred)
         vec_times.append(time.perf_counter() - t0)
     t0 = time.perf_counter()
     r_loop = np.array([scipy.stats.pearsonr(y_true[:, j], y_pred[:, j])[0] for j in range(n_voxels)])
@@ -132,6 +191,6 @@ print()
 print(text)
 if write_summary:
     results["table"] = [dict(zip(("benchmark", "ours", "reference", "ratio", "target", "met"), r)) for r in rows]
-    utils.save_text(Path(out_dir) / "benchmark.md", text, options)
-    utils.save_json(Path(out_dir) / "benchmark.json", results, options)
+    outputs.save_text(Path(out_dir) / "benchmark.md", text, config)
+    outputs.save_json(Path(out_dir) / "benchmark.json", results, config)
     print(f"wrote {Path(out_dir) / 'benchmark.md'} and benchmark.json")

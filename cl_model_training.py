@@ -36,7 +36,34 @@ slim_finished = True           # drop optimizer state from last.pt once done (~0
 check_values = True            # scan the fMRI for NaN/inf first
 # ---------------------------------------------------------------------
 import models
+import options
+import outputs
+import training
 import utils
 
-options = utils.apply_options(globals())
-models.run_single_roi_script("cl", options)
+config = options.apply_options(globals())
+
+# runtime: the device, and torch.distributed when launched by torchrun
+runtime = training.setup_runtime(device, num_threads)
+settings = training.TrainSettings.from_options(config)
+
+# data: the subject's split, image cache and this ROI's fMRI (rank 0 builds the caches first)
+(roi,) = utils.check_roi_names([roi])
+subject_data = utils.load_subject(data_dir, subject, out_dir, image_size, split_seed, [hemisphere], check_values,
+                                  build_first=runtime.main_first)
+roi_fmri, roi_voxel_indices = training.roi_fmri(subject_data, hemisphere, roi)
+run_dir = models.checkpoint_path(out_dir, "cl", subject, hemisphere, roi).parent
+if runtime.is_main:
+    print(f"cl subject {subject} {hemisphere} {roi}: {len(roi_voxel_indices)} voxels, "
+          f"{len(subject_data.split['train'])} train / {len(subject_data.split['val'])} val images, "
+          f"{runtime.world_size} x {runtime.device}")
+
+# the loop over epochs: training.train_roi_model (restore or init, one epoch, evaluate, save)
+summary = training.train_roi_model("cl", subject_data.images, roi_fmri, subject_data.split, roi_voxel_indices,
+                                   run_dir, settings, config, runtime)
+
+# report
+if runtime.is_main:
+    print(outputs.format_table([{"hemisphere": hemisphere, "roi": roi, **summary}], float_format="{:.4g}"))
+    print(f"checkpoints and log in {run_dir}")
+runtime.close()

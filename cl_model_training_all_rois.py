@@ -38,7 +38,42 @@ slim_finished = True           # drop optimizer state from last.pt once done (~0
 check_values = True            # scan the fMRI for NaN/inf first
 # ---------------------------------------------------------------------
 import models
+import options
+import outputs
+import training
 import utils
 
-options = utils.apply_options(globals())
-models.run_sweep_script("cl", options)
+config = options.apply_options(globals())
+
+# runtime: the device, and torch.distributed when launched by torchrun
+runtime = training.setup_runtime(device, num_threads)
+settings = training.TrainSettings.from_options(config)
+shard_index = training.parse_shard(shard)
+jobs = training.sweep_jobs(hemispheres, rois, shard_index)
+
+# data: the subject's split, image cache and fMRI, loaded once for every ROI
+subject_data = utils.load_subject(data_dir, subject, out_dir, image_size, split_seed, sorted({h for h, _ in jobs}),
+                                  check_values, fmri_in_ram=True, build_first=runtime.main_first)
+
+# the loop over (hemisphere, ROI) jobs: finished ones skipped, half-trained ones resumed, small ROIs listed
+rows = []
+for k, (hemi, roi) in enumerate(jobs):
+    n_voxels = len(subject_data.roi_voxel_indices[hemi][roi])
+    job = {"hemisphere": hemi, "roi": roi, "voxels": n_voxels}
+    if n_voxels < training.MIN_ROI_VOXELS:
+        rows.append({**job, "status": f"skipped: {n_voxels} voxels (< {training.MIN_ROI_VOXELS})"})
+        continue
+    roi_fmri, roi_voxel_indices = training.roi_fmri(subject_data, hemi, roi)
+    run_dir = models.checkpoint_path(out_dir, "cl", subject, hemi, roi).parent
+    summary = training.train_roi_model("cl", subject_data.images, roi_fmri, subject_data.split,
+                                       roi_voxel_indices, run_dir, settings, config, runtime,
+                                       desc=f"[{k + 1}/{len(jobs)}] cl {hemi} {roi}")
+    rows.append({**job, **{key: v for key, v in summary.items() if key not in ("method", "voxels")}})
+
+# summary
+if runtime.is_main:
+    table_path = training.sweep_summary_path(out_dir, "cl", subject, shard_index)
+    outputs.save_csv(table_path, rows, config)
+    print(outputs.format_table(rows, float_format="{:.4g}"))
+    print(f"summary saved to {table_path}")
+runtime.close()

@@ -1,16 +1,16 @@
 """The paper's results: untuned vs reg-tuned vs CL-tuned AlexNet features.
 
---type=single-subj          per-ROI test accuracy of the three feature sets, % voxels improved, statistics
---type=cross-subj           each subject's tuned backbone used for every other subject (N x N matrices)
---type=classification-task  linear probes of the backbones on an image-classification dataset
---type=all                  all three
+--result_type=single-subj          per-ROI test accuracy of the three feature sets, % voxels improved, statistics
+--result_type=cross-subj           each subject's tuned backbone used for every other subject (N x N matrices)
+--result_type=classification-task  linear probes of the backbones on an image-classification dataset
+--result_type=all                  all three
 Tables (.csv/.npy/.md) and figures (.png) go to results_dir, each with a .meta.json sidecar.
 """
 # ---- OPTIONS (override with --name=value or --config=FILE.json) ----
 data_dir = "algonauts_2023_challenge_data"  # Algonauts 2023 download (read only)
 out_dir = "out"                             # splits, caches, models and best layers from earlier stages
 results_dir = "Results"                     # where tables and figures are written
-type = "all"                                # single-subj | cross-subj | classification-task | all
+result_type = "all"                         # single-subj | cross-subj | classification-task | all
 subjects = []                               # [] = every subject in data_dir
 hemispheres = ["lh", "rh"]                  # hemispheres to evaluate
 rois = []                                   # single-subj ROIs; [] = all 31 (empty ones reported)
@@ -41,20 +41,30 @@ from pathlib import Path
 
 import numpy as np
 
+import features
 import models
+import options
+import outputs
+import plots
+import probes
 import results_utils
+import study as encoding_study
 import utils
 
-options = utils.apply_options(globals())
-types = ["single-subj", "cross-subj", "classification-task"] if type == "all" else [type]
+config = options.apply_options(globals())
+types = ["single-subj", "cross-subj", "classification-task"] if result_type == "all" else [result_type]
 if not set(types) <= {"single-subj", "cross-subj", "classification-task"}:
-    raise utils.OptionsError(f"--type={type}: expected single-subj, cross-subj, classification-task or all")
+    raise utils.OptionsError(f"--result_type={result_type}: expected single-subj, cross-subj, classification-task "
+                             "or all")
 subject_list = utils.resolve_subjects(data_dir, subjects)
-study = results_utils.EncodingStudy(options, utils.resolve_device(device))
-for subject in subject_list:  # validate every subject (and the best-layer files) before writing anything
-    study.subject(subject)
-    for hemi in hemispheres:
-        results_utils.load_best_layers(out_dir, subject, hemi)
+study = encoding_study.EncodingStudy(data_dir, out_dir, hemispheres, weights, image_size, split_seed, pca_components,
+                                     seed, batch_size, feature_memory_gb, alpha_mode, alphas, tuned_layer,
+                                     checkpoint, options.resolve_device(device))
+if {"single-subj", "cross-subj"} & set(types):
+    for subject in subject_list:  # validate every subject (and the best-layer files) before writing anything
+        study.subject(subject)
+        for hemi in hemispheres:
+            encoding_study.load_best_layers(out_dir, subject, hemi)
 results = Path(results_dir)
 roi_list = utils.check_roi_names(rois) if rois else list(utils.ROI_NAMES)
 
@@ -68,26 +78,26 @@ if "single-subj" in types:
                 print(f"note: subj{subject:02d} {hemi}: no {method} model for {len(absent)} ROI(s) "
                       f"({', '.join(absent)}); their cells are left empty (NaN)")
             base = results / utils.subject_dir_name(subject) / f"single_subj_{hemi}"
-            utils.save_csv(base.with_suffix(".csv"), rows, options, **study.provenance())
-            utils.save_npz(base.with_name(base.name + "_voxel_r.npz"), voxel_r, options,
-                           rows=["untuned", "reg", "cl"], metric="test Pearson r per voxel", **study.provenance())
+            outputs.save_csv(base.with_suffix(".csv"), rows, config, **study.provenance())
+            outputs.save_npz(base.with_name(base.name + "_voxel_r.npz"), voxel_r, config,
+                             rows=["untuned", "reg", "cl"], metric="test Pearson r per voxel", **study.provenance())
             title = f"{utils.subject_dir_name(subject)} {hemi}"
-            utils.save_text(base.with_suffix(".md"), f"## {title}: median test Pearson r per ROI\n\n"
-                            + results_utils.markdown_table(rows, results_utils.SINGLE_SUBJ_COLUMNS), options)
+            outputs.save_text(base.with_suffix(".md"), f"## {title}: median test Pearson r per ROI\n\n"
+                              + outputs.markdown_table(rows, results_utils.SINGLE_SUBJ_COLUMNS), config)
             nonempty = [r for r in rows if r["n_voxels"]]
-            utils.save_figure(base.with_name(base.name + "_bars.png"), results_utils.plot_roi_bars(
-                nonempty, ["untuned", "reg", "cl"], f"{title}: encoding accuracy per ROI"), options)
-            utils.save_figure(base.with_name(base.name + "_voxel_differences.png"),
-                              results_utils.plot_voxel_differences(
-                                  {roi: v[2] - v[0] for roi, v in voxel_r.items()},
-                                  f"{title}: CL-tuned minus untuned, per voxel", "r(CL) - r(untuned)"), options)
+            outputs.save_figure(base.with_name(base.name + "_bars.png"), plots.plot_roi_bars(
+                nonempty, ["untuned", "reg", "cl"], f"{title}: encoding accuracy per ROI"), config)
+            outputs.save_figure(base.with_name(base.name + "_voxel_differences.png"),
+                                plots.plot_voxel_differences(
+                                    {roi: v[2] - v[0] for roi, v in voxel_r.items()},
+                                    f"{title}: CL-tuned minus untuned, per voxel", "r(CL) - r(untuned)"), config)
             all_rows += rows
     summary = results_utils.group_table(all_rows)
-    utils.save_csv(results / "single_subj_summary.csv", summary, options, **study.provenance())
-    utils.save_text(results / "single_subj_summary.md",
-                    "## Median test Pearson r, averaged over ROIs, subjects and hemispheres\n\n"
-                    + results_utils.markdown_table(summary, list(summary[0])), options)
-    print(results_utils.format_table(summary, list(summary[0])))
+    outputs.save_csv(results / "single_subj_summary.csv", summary, config, **study.provenance())
+    outputs.save_text(results / "single_subj_summary.md",
+                      "## Median test Pearson r, averaged over ROIs, subjects and hemispheres\n\n"
+                      + outputs.markdown_table(summary), config)
+    print(outputs.format_table(summary))
 
 if "cross-subj" in types:
     cross_rois = utils.check_roi_names(cross_subj_rois)
@@ -98,20 +108,20 @@ if "cross-subj" in types:
                 base = results / "cross_subj" / f"{method}_{hemi}_{roi}"
                 extra = {"rows": "source subject (backbone)", "columns": "target subject", "subjects": subject_list,
                          **study.provenance()}
-                utils.save_npy(base.with_name(base.name + "_median_r.npy"), median_r, options, **extra)
-                utils.save_npy(base.with_name(base.name + "_pct_improved.npy"), improved, options, **extra)
-                utils.save_figure(base.with_name(base.name + "_median_r.png"), results_utils.plot_transfer_matrix(
+                outputs.save_npy(base.with_name(base.name + "_median_r.npy"), median_r, config, **extra)
+                outputs.save_npy(base.with_name(base.name + "_pct_improved.npy"), improved, config, **extra)
+                outputs.save_figure(base.with_name(base.name + "_median_r.png"), plots.plot_transfer_matrix(
                     median_r, subject_list, f"{method.upper()}-tuned {roi} {hemi}: median test r",
-                    "median Pearson r (test split)"), options)
-                utils.save_figure(base.with_name(base.name + "_pct_improved.png"), results_utils.plot_transfer_matrix(
+                    "median Pearson r (test split)"), config)
+                outputs.save_figure(base.with_name(base.name + "_pct_improved.png"), plots.plot_transfer_matrix(
                     improved, subject_list, f"{method.upper()}-tuned {roi} {hemi}: voxels beating untuned",
-                    "% of target voxels improved"), options)
+                    "% of target voxels improved"), config)
                 print(f"cross-subj {method} {hemi} {roi}: mean off-diagonal median r "
                       f"{results_utils.off_diagonal_mean(median_r):.3f}, diagonal {np.nanmean(np.diag(median_r)):.3f}")
 
 if "classification-task" in types:
     root = Path(classification_root) if classification_root else Path(data_dir) / "imagefolder"
-    images, labels, classes = results_utils.load_classification_images(
+    images, labels, classes = probes.load_classification_images(
         classification_dataset, root, image_size, classification_max_per_class, seed)
     backbones = [("untuned", 0, "", "", f"untuned:{weights}")]
     for subject in utils.resolve_subjects(data_dir, classification_subjects):
@@ -125,18 +135,19 @@ if "classification-task" in types:
                         print(f"note: no {method} model for subj{subject:02d} {hemi} {roi}: skipped in the probe")
     rows = []
     for method, subject, hemi, roi, spec in backbones:
-        backbone = results_utils.load_backbone(spec, study.device)
-        feats = models.extract_features(backbone, images, np.arange(len(images)), [probe_layer],
-                                        batch_size=batch_size, device=study.device,
-                                        desc=f"probe features {method} {roi}")[probe_layer]
+        backbone = features.load_backbone(spec, study.device)
+        feats = features.extract_features(backbone, images, np.arange(len(images)), [probe_layer],
+                                          batch_size=batch_size, device=study.device,
+                                          desc=f"probe features {method} {roi}")[probe_layer]
         rows.append({"method": method, "subject": subject, "hemisphere": hemi, "roi": roi,
-                     "accuracy": results_utils.linear_probe_accuracy(feats, labels, probe_test_fraction, seed),
+                     "accuracy": probes.linear_probe_accuracy(feats, labels, probe_test_fraction, seed),
                      "chance": float(np.max(np.bincount(labels)) / len(labels)), "n_images": len(labels),
                      "n_classes": len(classes), "checkpoint": spec})
     name = f"classification_{classification_dataset}"
-    utils.save_csv(results / "classification" / f"{name}.csv", rows, options, classes=classes, **study.provenance())
-    utils.save_figure(results / "classification" / f"{name}.png", results_utils.plot_probe_bars(
-        rows, f"Linear probe on {classification_dataset} ({len(classes)} classes, {probe_layer})"), options)
-    print(results_utils.format_table(rows, ["method", "subject", "hemisphere", "roi", "accuracy"]))
+    outputs.save_csv(results / "classification" / f"{name}.csv", rows, config, classes=classes,
+                     **study.provenance())
+    outputs.save_figure(results / "classification" / f"{name}.png", plots.plot_probe_bars(
+        rows, f"Linear probe on {classification_dataset} ({len(classes)} classes, {probe_layer})"), config)
+    print(outputs.format_table(rows, ["method", "subject", "hemisphere", "roi", "accuracy"]))
 
 print(f"results written to {results}")

@@ -11,26 +11,25 @@ check_values = True                         # scan the fMRI for NaN/inf before w
 # ---------------------------------------------------------------------
 from pathlib import Path
 
+import options
+import outputs
 import utils
 
-options = utils.apply_options(globals())
-
+config = options.apply_options(globals())
 subject_list = utils.resolve_subjects(data_dir, subjects)
-# Validate every subject before writing anything.
-validated = {s: utils.validate_subject(utils.find_subject(data_dir, s), check_values) for s in subject_list}
+# validate every subject before writing anything
+subject_data = {s: utils.load_subject(data_dir, s, check_values=check_values) for s in subject_list}
 
 sizes = {}
-for subject, info in validated.items():
-    paths = utils.find_subject(data_dir, subject)
+for subject, d in subject_data.items():
     subject_out = Path(out_dir) / "voxel_roi_mappings" / utils.subject_dir_name(subject)
     for hemi in utils.HEMISPHERES:
-        masks = utils.load_roi_masks(paths, hemi, info["n_vertices"][hemi])
-        voxel_rois = utils.voxel_roi_lists(masks)
-        utils.save_json(subject_out / f"{hemi}_voxel_roi_mappings.json", voxel_rois, options, subject=subject)
-        indices = {name: mask.nonzero()[0] for name, mask in masks.items()}
-        utils.save_npz(subject_out / f"{hemi}_roi_indices.npz", indices, options, subject=subject)
+        indices = d.roi_voxel_indices[hemi]
+        voxel_rois = utils.voxel_roi_lists(indices, d.n_vertices[hemi])
+        outputs.save_json(subject_out / f"{hemi}_voxel_roi_mappings.json", voxel_rois, config, subject=subject)
+        outputs.save_npz(subject_out / f"{hemi}_roi_indices.npz", indices, config, subject=subject)
         sizes[(subject, hemi)] = {name: len(idx) for name, idx in indices.items()}
-        sizes[(subject, hemi)]["(vertices)"] = info["n_vertices"][hemi]
+        sizes[(subject, hemi)]["(vertices)"] = d.n_vertices[hemi]
 
 print(utils.format_roi_size_table(sizes))
 print(f"wrote voxel-ROI mappings of {len(subject_list)} subject(s) to {Path(out_dir) / 'voxel_roi_mappings'}")

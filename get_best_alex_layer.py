@@ -26,39 +26,42 @@ from pathlib import Path
 
 import numpy as np
 
-import results_utils
+import features
+import options
+import outputs
+import plots
+import study
 import utils
 
-options = utils.apply_options(globals())
-torch_device = utils.resolve_device(device)
+config = options.apply_options(globals())
+torch_device = options.resolve_device(device)
 subject_list = utils.resolve_subjects(data_dir, subjects)
-validated = {s: utils.validate_subject(utils.find_subject(data_dir, s)) for s in subject_list}
+# validate every subject before writing anything
+subject_data = {s: utils.load_subject(data_dir, s, hemispheres=hemispheres) for s in subject_list}
 
 summary = []
-for subject, info in validated.items():
-    paths = utils.find_subject(data_dir, subject)
-    split = utils.get_split(out_dir, subject, info["images"], seed=split_seed)
-    image_cache = utils.load_image_cache(out_dir, subject, info["images"], size=image_size)
-    features = results_utils.layer_features(
+for subject, d in subject_data.items():
+    split = utils.get_split(out_dir, subject, d.image_paths, seed=split_seed)
+    image_cache = utils.load_image_cache(out_dir, subject, d.image_paths, size=image_size)
+    layer_features = features.layer_features(
         out_dir, subject, f"untuned:{weights}", layers, image_cache, split, ("train", "val"), image_size,
         pca_components, seed, torch_device, batch_size, feature_memory_gb)
     subject_out = Path(out_dir) / "best_layer" / utils.subject_dir_name(subject)
     for hemi in hemispheres:
-        fmri = np.asarray(utils.load_fmri(paths, hemi))
-        roi_indices = utils.roi_voxel_indices(paths, hemi, fmri.shape[1])
-        scores = results_utils.layer_roi_scores(features, fmri, split, roi_indices, alphas, alpha_holdout,
-                                                seed, torch_device)
-        best = results_utils.best_layer_per_roi(scores, layers, roi_indices)
-        utils.save_json(subject_out / f"{hemi}_best_layer.json", best, options, subject=subject, hemisphere=hemi)
-        utils.save_npy(subject_out / f"{hemi}_layer_roi_scores.npy", scores, options, subject=subject,
-                       hemisphere=hemi, rows=layers, columns=list(roi_indices), metric="median val Pearson r")
-        fig = results_utils.plot_layer_roi_heatmap(scores, layers, list(roi_indices),
-                                                   f"{utils.subject_dir_name(subject)} {hemi}: untuned AlexNet")
-        utils.save_figure(subject_out / f"{hemi}_layer_roi_scores.png", fig, options)
+        roi_indices = d.roi_voxel_indices[hemi]
+        scores = study.layer_roi_scores(layer_features, d.fmri[hemi], split, roi_indices, alphas, alpha_holdout,
+                                        seed, torch_device)
+        best = study.best_layer_per_roi(scores, layers, roi_indices)
+        outputs.save_json(subject_out / f"{hemi}_best_layer.json", best, config, subject=subject, hemisphere=hemi)
+        outputs.save_npy(subject_out / f"{hemi}_layer_roi_scores.npy", scores, config, subject=subject,
+                         hemisphere=hemi, rows=layers, columns=list(roi_indices), metric="median val Pearson r")
+        fig = plots.plot_layer_roi_heatmap(scores, layers, list(roi_indices),
+                                           f"{utils.subject_dir_name(subject)} {hemi}: untuned AlexNet")
+        outputs.save_figure(subject_out / f"{hemi}_layer_roi_scores.png", fig, config)
         summary += [{"subject": subject, "hemisphere": hemi, "roi": roi, "best_layer": layer,
                      "median_val_r": float(np.nanmax(scores[:, list(roi_indices).index(roi)]))}
                     for roi, layer in best.items()]
 
-utils.save_csv(Path(out_dir) / "best_layer" / "best_layers.csv", summary, options)
-print(results_utils.format_table(summary, ["subject", "hemisphere", "roi", "best_layer", "median_val_r"]))
+outputs.save_csv(Path(out_dir) / "best_layer" / "best_layers.csv", summary, config)
+print(outputs.format_table(summary, ["subject", "hemisphere", "roi", "best_layer", "median_val_r"]))
 print(f"best layers written to {Path(out_dir) / 'best_layer'}")

@@ -6,7 +6,6 @@ of faces, bodies, places, words and objects, and voxel responses from a known gr
 streams) plus noise of varying SNR; the per-voxel noise ceiling and the per-image categories are saved too.
 """
 # ---- OPTIONS (override with --name=value or --config=FILE.json) ----
-data_dir = ""                # unused input placeholder: the demo data is synthetic (real masks come from mask_source)
 out_dir = "demo_data"        # the synthetic dataset is written here (official Algonauts 2023 layout + imagefolder/)
 subjects = [1, 2]            # NSD subjects (1-8) whose real vertex counts and ROI masks are used
 n_train_images = 600         # training images (with fMRI) per subject
@@ -34,6 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
+import options
+import outputs
 import utils
 
 ASSETS_DIR = Path(__file__).resolve().parent / "demo_assets"  # bundled copy of the real ROI masks
@@ -92,7 +93,7 @@ def read_mask_folder(source, subjects=None):
     return masks, mappings
 
 
-def save_mask_bundle(masks, mappings, bundle_dir=ASSETS_DIR, options=None) -> tuple[Path, Path]:
+def save_mask_bundle(masks, mappings, bundle_dir=ASSETS_DIR, config=None) -> tuple[Path, Path]:
     """Write masks as int8 arrays in roi_masks.npz (keys 'subj01/lh.floc-faces') and the mappings as JSON."""
     bundle_dir = Path(bundle_dir)
     arrays = {}
@@ -108,8 +109,8 @@ def save_mask_bundle(masks, mappings, bundle_dir=ASSETS_DIR, options=None) -> tu
     # One family -> {id: name} table when every subject has the same mappings (they do), else one per subject.
     table = common if all(m == common for m in as_json.values()) else {
         utils.subject_dir_name(s): m for s, m in as_json.items()}
-    npz_path = utils.save_npz(bundle_dir / "roi_masks.npz", arrays, options)
-    json_path = utils.save_json(bundle_dir / "roi_mappings.json", table, options)
+    npz_path = outputs.save_npz(bundle_dir / "roi_masks.npz", arrays, config)
+    json_path = outputs.save_json(bundle_dir / "roi_mappings.json", table, config)
     return npz_path, json_path
 
 
@@ -157,12 +158,12 @@ def write_roi_masks(masks, mappings, subject: int, roi_dir) -> Path:
     roi_dir = Path(roi_dir)
     for hemi in utils.HEMISPHERES:
         for family in utils.ROI_FAMILIES:
-            utils.save_npy(roi_dir / f"{hemi}.{family}_challenge_space.npy",
+            outputs.save_npy(roi_dir / f"{hemi}.{family}_challenge_space.npy",
                            masks[subject][hemi][family].astype(np.int64))
     for family in utils.ROI_FAMILIES:
         # The official files are a pickled dict in a 0-d object array; utils.load_roi_mapping reads them safely.
         mapping = np.array(dict(mappings[subject][family]), dtype=object)
-        utils.atomic_write(roi_dir / f"mapping_{family}.npy", lambda f, m=mapping: np.save(f, m), suffix=".tmp.npy")
+        outputs.atomic_write(roi_dir / f"mapping_{family}.npy", lambda f, m=mapping: np.save(f, m), suffix=".tmp.npy")
     return roi_dir
 
 
@@ -779,13 +780,13 @@ def generate_dataset(out: Path, opts: dict, masks: dict, mappings: dict) -> dict
                                   np.random.default_rng([seed, 2, subject, h]))
             fmri, noise_ceiling = simulate_fmri(features[rows], tuning, opts["noise_level"],
                                                 np.random.default_rng([seed, 3, subject, h]))
-            utils.save_npy(out / s2 / "training_split" / "training_fmri" / f"{hemi}_training_fmri.npy", fmri, opts,
+            outputs.save_npy(out / s2 / "training_split" / "training_fmri" / f"{hemi}_training_fmri.npy", fmri, opts,
                            subject=subject, hemi=hemi)
-            utils.save_npy(out / s2 / "noise_ceiling" / f"{hemi}_noise_ceiling.npy", noise_ceiling, opts,
+            outputs.save_npy(out / s2 / "noise_ceiling" / f"{hemi}_noise_ceiling.npy", noise_ceiling, opts,
                            subject=subject, hemi=hemi, definition="var(signal) / (var(signal) + var(noise))")
             n_vertices[(subject, hemi)] = fmri.shape[1]
         names = [f"train-{row + 1:04d}_nsd-{nsd:05d}.png" for row, nsd in enumerate(train_ids[subject])]
-        utils.save_json(out / s2 / "demo_labels.json", {
+        outputs.save_json(out / s2 / "demo_labels.json", {
             "categories": list(_CATEGORIES),
             "images": names,
             "nsd_ids": train_ids[subject].tolist(),
@@ -818,7 +819,7 @@ def generate_dataset(out: Path, opts: dict, masks: dict, mappings: dict) -> dict
         "imagefolder_per_class": opts["imagefolder_per_class"],
         "category_image_fraction": dict(zip(_CATEGORIES, np.round((area > 0).mean(0), 3).tolist())),
     }
-    utils.save_json(out / "demo_info.json", summary, opts)
+    outputs.save_json(out / "demo_info.json", summary, opts)
     return summary
 
 
@@ -846,7 +847,7 @@ def build(opts: dict) -> tuple[Path, dict | None]:
     tmp.mkdir()
     try:
         summary = generate_dataset(tmp, opts, masks, mappings)
-        utils.save_text(tmp / ".complete", "complete\n")
+        outputs.save_text(tmp / ".complete", "complete\n")
         old = out.parent / f".{out.name}.old-{os.getpid()}"
         if out.exists():
             out.rename(old)
@@ -859,17 +860,17 @@ def build(opts: dict) -> tuple[Path, dict | None]:
 
 
 if __name__ == "__main__":
-    options = utils.apply_options(globals())
+    config = options.apply_options(globals())
     started = time.time()
     if rebuild_mask_bundle:
         if not mask_source:
             raise utils.DataError("--rebuild_mask_bundle=true needs --mask_source=<folder of subjXX mask folders>")
         real_masks, real_mappings = read_mask_folder(mask_source)
-        npz_file, json_file = save_mask_bundle(real_masks, real_mappings, ASSETS_DIR, options)
+        npz_file, json_file = save_mask_bundle(real_masks, real_mappings, ASSETS_DIR, config)
         print(f"wrote {npz_file} ({npz_file.stat().st_size / 1024:.0f} KB) and {json_file} for subjects "
               f"{sorted(real_masks)} from {mask_source}")
         sys.exit(0)
-    dataset_dir, info = build(options)
+    dataset_dir, info = build(config)
     if info is None:
         print(f"{dataset_dir}: a complete demo dataset is already there (pass --overwrite=true to rebuild)")
         sys.exit(0)

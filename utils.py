@@ -1,24 +1,17 @@
-"""Shared data layer: options, Algonauts 2023 layout, validation, ROIs, splits, image cache, atomic writes."""
+"""The data layer: the Algonauts 2023 layout, ROIs, validation, the one split, the image cache, one subject loader."""
 from __future__ import annotations
 
-import ast
-import io
 import json
 import os
 import pickle
 import re
-import sys
-import tempfile
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-# ---------------------------------------------------------------------------------------------
-# Errors: one clear line and a non-zero exit for bad input or bad options.
-# ---------------------------------------------------------------------------------------------
+from outputs import atomic_path, save_json, sidecar_path, write_sidecar
 
 
 class DataError(Exception):
@@ -27,247 +20,6 @@ class DataError(Exception):
 
 class OptionsError(DataError):
     """Unknown or unparsable command-line option."""
-
-
-def _one_line_excepthook(exc_type, exc, tb):
-    if issubclass(exc_type, DataError):
-        print(f"error: {exc}", file=sys.stderr)
-        return
-    sys.__excepthook__(exc_type, exc, tb)
-
-
-# ---------------------------------------------------------------------------------------------
-# Options: plain globals at the head of each script, overridable as --name=value / --config=file.
-# ---------------------------------------------------------------------------------------------
-
-_OPTION_TYPES = (bool, int, float, str, list, tuple, type(None))
-
-
-def _parse_value(text: str, default, name: str):
-    """Parse a command-line string into the type of the option's default."""
-    low = text.strip().lower()
-    if isinstance(default, bool):
-        if low in ("1", "true", "yes", "on"):
-            return True
-        if low in ("0", "false", "no", "off"):
-            return False
-        raise OptionsError(f"--{name}={text}: expected true or false")
-    if isinstance(default, (list, tuple)):
-        if low in ("", "none", "[]"):
-            return type(default)()
-        if text.strip().startswith("["):
-            try:
-                items = ast.literal_eval(text)
-            except (ValueError, SyntaxError) as err:
-                raise OptionsError(f"--{name}={text}: not a valid list ({err})") from None
-        else:
-            items = [t.strip() for t in text.split(",") if t.strip()]
-        if default:
-            proto = default[0]
-            items = [_parse_value(str(t), proto, name) if isinstance(t, str) else t for t in items]
-        else:
-            items = [_literal_or_str(t) if isinstance(t, str) else t for t in items]
-        return type(default)(items)
-    if default is None:
-        return None if low == "none" else _literal_or_str(text)
-    try:
-        if isinstance(default, int):
-            return int(text)
-        if isinstance(default, float):
-            return float(text)
-    except ValueError:
-        raise OptionsError(f"--{name}={text}: expected {type(default).__name__}") from None
-    return text
-
-
-def _literal_or_str(text: str):
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
-
-
-def _coerce(value, default, name: str):
-    """Coerce a config-file value (JSON) to the option's type."""
-    if isinstance(value, str) and not isinstance(default, str):
-        return _parse_value(value, default, name)
-    if isinstance(default, bool) and not isinstance(value, bool):
-        raise OptionsError(f"{name}={value!r}: expected true or false")
-    if isinstance(default, float) and isinstance(value, int):
-        return float(value)
-    if isinstance(default, (list, tuple)) and isinstance(value, (list, tuple)):
-        return type(default)(value)
-    return value
-
-
-def apply_options(script_globals: dict, argv: list[str] | None = None) -> dict:
-    """Override a script's option globals from --config=FILE.json and --name=value; return the options.
-
-    The options are the script's plain-valued globals (bool/int/float/str/list/tuple/None) not
-    starting with '_'. Unknown names are an error that lists the valid ones.
-    """
-    sys.excepthook = _one_line_excepthook
-    argv = sys.argv[1:] if argv is None else argv
-    names = [k for k, v in script_globals.items()
-             if not k.startswith("_") and isinstance(v, _OPTION_TYPES)]
-    defaults = {k: script_globals[k] for k in names}
-    overrides: dict = {}
-    for arg in argv:
-        if arg in ("-h", "--help"):
-            print("options (override with --name=value or --config=FILE.json):")
-            for k in names:
-                print(f"  --{k}={defaults[k]!r}")
-            raise SystemExit(0)
-        match = re.fullmatch(r"--([A-Za-z_][A-Za-z0-9_]*)=(.*)", arg, flags=re.S)
-        if not match:
-            raise OptionsError(f"argument {arg!r} is not of the form --name=value; valid names: "
-                               + ", ".join(names))
-        key, text = match.groups()
-        if key == "config":
-            cfg_path = Path(text)
-            if not cfg_path.is_file():
-                raise OptionsError(f"--config={text}: file not found")
-            try:
-                cfg = json.loads(cfg_path.read_text())
-            except json.JSONDecodeError as err:
-                raise OptionsError(f"{cfg_path}: not valid JSON ({err})") from None
-            if not isinstance(cfg, dict):
-                raise OptionsError(f"{cfg_path}: expected a JSON object of option names to values")
-            for ck, cv in cfg.items():
-                if ck not in defaults:
-                    raise OptionsError(f"{cfg_path}: unknown option {ck!r}; valid options: " + ", ".join(names))
-                overrides[ck] = _coerce(cv, defaults[ck], ck)
-            continue
-        if key not in defaults:
-            raise OptionsError(f"unknown option --{key}; valid options: " + ", ".join(names))
-        overrides[key] = _parse_value(text, defaults[key], key)
-    script_globals.update(overrides)
-    return {k: script_globals[k] for k in names}
-
-
-# ---------------------------------------------------------------------------------------------
-# Atomic outputs with JSON sidecars.
-# ---------------------------------------------------------------------------------------------
-
-
-def sidecar_path(path) -> Path:
-    """The JSON sidecar that records how an output was made: '<name>.meta.json' beside it."""
-    path = Path(path)
-    return path.with_name(path.name + ".meta.json")
-
-
-def package_versions() -> dict:
-    """Versions of the packages a result depends on."""
-    import importlib.metadata as md
-    out = {"python": sys.version.split()[0]}
-    for pkg in ("torch", "torchvision", "numpy", "scipy", "scikit-learn"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
-    return out
-
-
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, float) and not np.isfinite(obj):
-        return None
-    return obj
-
-
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
-def atomic_write(path, write_fn, *, mode: str = "wb", suffix: str | None = None) -> Path:
-    """Write via write_fn(file) to a temp file in the same folder, then rename over path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix or ".tmp")
-    try:
-        with os.fdopen(fd, mode) as fh:
-            write_fn(fh)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; outputs get the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def write_sidecar(path, options: dict | None = None, **extra) -> Path:
-    """Write '<path>.meta.json' with the options, the producing script, time and package versions."""
-    meta = {
-        "file": Path(path).name,
-        "script": Path(sys.argv[0]).name if sys.argv and sys.argv[0] else None,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "options": options or {},
-        "packages": package_versions(),
-        **extra,
-    }
-    text = json.dumps(_jsonable(meta), indent=1)
-    return atomic_write(sidecar_path(path), lambda f: f.write(text), mode="w")
-
-
-def save_json(path, obj, options: dict | None = None, **extra) -> Path:
-    text = json.dumps(_jsonable(obj), indent=1)
-    atomic_write(path, lambda f: f.write(text), mode="w")
-    if options is not None:
-        write_sidecar(path, options, **extra)
-    return Path(path)
-
-
-def save_npy(path, array, options: dict | None = None, **extra) -> Path:
-    atomic_write(path, lambda f: np.save(f, np.asarray(array)), suffix=".tmp.npy")
-    if options is not None:
-        write_sidecar(path, options, **extra)
-    return Path(path)
-
-
-def save_npz(path, arrays: dict, options: dict | None = None, **extra) -> Path:
-    atomic_write(path, lambda f: np.savez_compressed(f, **arrays), suffix=".tmp.npz")
-    if options is not None:
-        write_sidecar(path, options, **extra)
-    return Path(path)
-
-
-def save_text(path, text: str, options: dict | None = None, **extra) -> Path:
-    atomic_write(path, lambda f: f.write(text), mode="w")
-    if options is not None:
-        write_sidecar(path, options, **extra)
-    return Path(path)
-
-
-def save_csv(path, rows: list[dict], options: dict | None = None, **extra) -> Path:
-    """Rows of dicts -> CSV (columns from the union of keys, first-seen order)."""
-    import csv
-    columns: list = []
-    for row in rows:
-        columns += [k for k in row if k not in columns]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
-    return save_text(path, buf.getvalue(), options, **extra)
-
-
-def save_figure(path, fig, options: dict | None = None, dpi: int = 130, **extra) -> Path:
-    import matplotlib.pyplot as plt
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight"), suffix=".tmp.png")
-    plt.close(fig)
-    if options is not None:
-        write_sidecar(path, options, **extra)
-    return Path(path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,6 +44,11 @@ ROI_GROUPS = {
                     for r in ROIS_BY_FAMILY[fam]),
     "Anatomical": ROIS_BY_FAMILY["streams"],
 }
+
+
+def roi_group(roi: str) -> str:
+    """'Early', 'Higher' or 'Anatomical' ('' for a name in no group)."""
+    return next((g for g, members in ROI_GROUPS.items() if roi in members), "")
 
 
 def check_roi_names(names) -> list[str]:
@@ -527,10 +284,12 @@ def roi_voxel_indices(paths: SubjectPaths, hemi: str, n_vertices: int | None = N
     return {name: np.flatnonzero(m) for name, m in load_roi_masks(paths, hemi, n_vertices).items()}
 
 
-def voxel_roi_lists(masks: dict[str, np.ndarray]) -> list[list[str]]:
-    """One list of ROI names per vertex (several, or none), from ROI name -> boolean mask."""
-    names = list(masks)
-    membership = np.stack([masks[n] for n in names], axis=1)  # vertices x ROIs
+def voxel_roi_lists(roi_indices: dict[str, np.ndarray], n_vertices: int) -> list[list[str]]:
+    """One list of ROI names per vertex (several, or none), from ROI name -> vertex indices."""
+    names = list(roi_indices)
+    membership = np.zeros((n_vertices, len(names)), dtype=bool)  # vertices x ROIs
+    for j, name in enumerate(names):
+        membership[roi_indices[name], j] = True
     # Few distinct membership patterns exist: build each name list once and index by pattern.
     patterns, pattern_of_vertex = np.unique(membership, axis=0, return_inverse=True)
     pattern_lists = [[names[j] for j in np.flatnonzero(row)] for row in patterns]
@@ -690,39 +449,67 @@ def load_image_cache(out_dir, subject: int, image_paths, size: int = 224, tag: s
         meta = json.loads(meta_path.read_text())
         if meta.get("cache_key") == key:
             return np.load(path, mmap_mode="r")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp.npy")
-    os.close(fd)
-    try:
+    with atomic_path(path, ".tmp.npy") as tmp:
         cache = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(image_paths), 3, size, size))
 
-        def decode_into(i):
-            cache[i] = decode_image(image_paths[i], size)
+        def decode_into(i, out=cache):
+            out[i] = decode_image(image_paths[i], size)
 
         with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
             list(tqdm(pool.map(decode_into, range(len(image_paths))), total=len(image_paths),
                       desc=f"decoding {subject_dir_name(subject)} images at {size}px", unit="img"))
         cache.flush()
-        del cache
-        os.chmod(tmp, 0o666 & ~_UMASK)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        del decode_into, cache  # close the memmap before the rename
     write_sidecar(path, {"size": size}, cache_key=key)
     return np.load(path, mmap_mode="r")
 
 
-def resolve_device(device="auto"):
-    """'auto' (or None) -> cuda when present, else cpu; a CUDA device where none exists is a one-line error."""
-    import torch
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as err:
-        raise OptionsError(f"--device={device}: {err}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise OptionsError(f"--device={device}: CUDA is not available here (torch.cuda.is_available() is "
-                           "False); use --device=cpu or auto")
-    return dev
+# ---------------------------------------------------------------------------------------------
+# One subject loader for every stage.
+# ---------------------------------------------------------------------------------------------
+
+
+def check_hemisphere(hemi: str) -> str:
+    if hemi not in HEMISPHERES:
+        raise DataError(f"hemisphere {hemi!r}: expected one of {', '.join(HEMISPHERES)}")
+    return hemi
+
+
+@dataclass
+class Subject:
+    """One subject's validated data, as every stage uses it."""
+    subject: int
+    paths: SubjectPaths
+    image_paths: list                    # training PNGs in fMRI row order
+    n_vertices: dict                     # hemi -> V
+    split: dict | None                   # 'train' / 'val' / 'test' row indices (None without out_dir)
+    images: np.ndarray | None            # N x 3 x S x S uint8 image cache (memmap), None without image_size
+    fmri: dict                           # hemi -> N x V float32 (memmap, or in RAM)
+    roi_voxel_indices: dict              # hemi -> {ROI: sorted vertex indices}
+    noise_ceiling: dict                  # hemi -> V fraction of explainable variance, or None
+
+
+def load_subject(data_dir, subject: int, out_dir=None, image_size: int | None = None, split_seed: int = 0,
+                 hemispheres=HEMISPHERES, check_values: bool = True, fmri_in_ram: bool = False,
+                 build_first=None) -> Subject:
+    """Validate one subject, then load its split (from out_dir), image cache, fMRI, ROI indices, noise ceiling.
+
+    build_first: an optional context manager under which the split and image cache are made
+    (torchrun: rank 0 first, so ranks never build the same cache at once).
+    """
+    import contextlib
+    hemispheres = [check_hemisphere(h) for h in hemispheres]
+    paths = find_subject(data_dir, subject)
+    info = validate_subject(paths, check_values)
+    split = images = None
+    with build_first() if build_first is not None else contextlib.nullcontext():
+        if out_dir is not None:
+            split = get_split(out_dir, subject, info["images"], seed=split_seed)
+            if image_size is not None:
+                images = load_image_cache(out_dir, subject, info["images"], size=image_size)
+    fmri, rois, ceiling = {}, {}, {}
+    for hemi in hemispheres:
+        fmri[hemi] = np.array(load_fmri(paths, hemi)) if fmri_in_ram else load_fmri(paths, hemi)
+        rois[hemi] = roi_voxel_indices(paths, hemi, info["n_vertices"][hemi])
+        ceiling[hemi] = load_noise_ceiling(paths, hemi)
+    return Subject(subject, paths, info["images"], info["n_vertices"], split, images, fmri, rois, ceiling)

@@ -13,7 +13,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 
+import features  # noqa: E402
 import models  # noqa: E402
+import training  # noqa: E402
 
 N_GLOBAL, N_VOXELS, SIZE = 13, 30, 64      # 13 rows: the ranks get 7 and 6 (uneven shards)
 # float64 shows the algebra is exact; float32 shows the size of rounding differences
@@ -27,7 +29,7 @@ def make_model(method, dtype):
 
 
 def step(method, symmetric, dtype, model, images, fmri):
-    x = models.prepare_images(images, "cpu").to(dtype)
+    x = features.prepare_images(images, "cpu").to(dtype)
     loss_back, loss_value = models.batch_loss(method, model, x, fmri.to(dtype), 0.3, symmetric)
     loss_back.backward()
     net = getattr(model, "module", model)
@@ -43,7 +45,7 @@ def main(out_json):
     fmri = torch.from_numpy(rng.normal(size=(N_GLOBAL, N_VOXELS)).astype(np.float32))
     reference = {case: step(*case, make_model(case[0], case[2]), images, fmri) for case in CASES}  # not yet distributed
 
-    runtime = models.setup_runtime("cpu")
+    runtime = training.setup_runtime("cpu")
     rows = np.array_split(np.arange(N_GLOBAL), runtime.world_size)[runtime.rank]
     report = {"world_size": runtime.world_size, "rows_per_rank": len(rows)}
     for case in CASES:

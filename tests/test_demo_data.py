@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import make_demo_data as demo
+import outputs
 import utils
 
 # Real vertex counts (lh, rh) of the subjects the tests generate.
@@ -107,7 +108,7 @@ def test_dataset_is_valid_official_layout(demo_root):
             np.testing.assert_allclose(fmri.std(0), 1, atol=1e-3)
             nc = utils.load_noise_ceiling(paths, hemi)
             assert nc.shape == (fmri.shape[1],) and np.all((nc >= 0) & (nc <= 1))
-            assert utils.sidecar_path(paths.fmri[hemi]).is_file()
+            assert outputs.sidecar_path(paths.fmri[hemi]).is_file()
         assert utils.decode_image(info["images"][0], 64).shape == (3, 64, 64)
     # like NSD: a quarter of the training images are seen by both subjects (the same PNG), the rest are distinct
     images = {s: utils.list_images(utils.find_subject(demo_root, s).train_images) for s in REAL_VERTICES}

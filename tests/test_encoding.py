@@ -8,7 +8,8 @@ import torch
 from sklearn.decomposition import PCA
 from sklearn.linear_model import Ridge, RidgeCV
 
-import results_utils as ru
+import encoding
+import results_utils
 import utils
 
 GRID = np.logspace(-1, 4, 6)
@@ -16,7 +17,7 @@ GRID = np.logspace(-1, 4, 6)
 
 @pytest.fixture(scope="module")
 def data():
-    return ru.make_synthetic_encoding_data(n_train=300, n_val=120, n_test=80, n_features=40, n_voxels=60,
+    return encoding.make_synthetic_encoding_data(n_train=300, n_val=120, n_test=80, n_features=40, n_voxels=60,
                                            rank=8, seed=3)
 
 
@@ -32,9 +33,9 @@ def scipy_r(y, p):
 # ---- ridge ----
 
 
-@pytest.mark.parametrize("alpha", [0.5, ru.PAPER_ALPHA_UNTUNED, ru.PAPER_ALPHA_TUNED])
+@pytest.mark.parametrize("alpha", [0.5, encoding.PAPER_ALPHA_UNTUNED, encoding.PAPER_ALPHA_TUNED])
 def test_fixed_alpha_matches_sklearn_ridge(data, alpha):
-    fit = ru.fit_ridge(data["X_train"], data["Y_train"], alphas=alpha, device="cpu")
+    fit = encoding.fit_ridge(data["X_train"], data["Y_train"], alphas=alpha, device="cpu")
     model, expected = sklearn_predictions(data, alpha)
     np.testing.assert_allclose(fit.predict(data["X_test"]), expected, atol=1e-4)
     np.testing.assert_allclose(fit.coef_, model.coef_.T, atol=1e-4)
@@ -46,7 +47,7 @@ def test_fixed_alpha_wide_features_matches_sklearn(data):
     """More features than train images: the eigenbasis comes from the n x n kernel."""
     X = np.random.default_rng(0).normal(size=(30, 200)).astype(np.float32)
     Y = data["Y_train"][:30]
-    fit = ru.fit_ridge(X, Y, alphas=5.0, device="cpu")
+    fit = encoding.fit_ridge(X, Y, alphas=5.0, device="cpu")
     model = Ridge(alpha=5.0).fit(X.astype(np.float64), Y.astype(np.float64))
     X_new = np.random.default_rng(1).normal(size=(10, 200))
     np.testing.assert_allclose(fit.predict(X_new), model.predict(X_new), atol=1e-4)
@@ -55,7 +56,7 @@ def test_fixed_alpha_wide_features_matches_sklearn(data):
 @pytest.mark.parametrize("n_val", [120, 25])  # n_val >= features (square R) and < features (trapezoidal R)
 def test_per_voxel_alpha_matches_sklearn_reference(data, n_val):
     d = {**data, "X_val": data["X_val"][:n_val], "Y_val": data["Y_val"][:n_val]}
-    fit = ru.fit_ridge(d["X_train"], d["Y_train"], d["X_val"], d["Y_val"], alphas=GRID, device="cpu")
+    fit = encoding.fit_ridge(d["X_train"], d["Y_train"], d["X_val"], d["Y_val"], alphas=GRID, device="cpu")
     # reference: one sklearn Ridge per alpha, val r by scipy, best alpha per voxel
     val_r, test_pred = [], []
     for alpha in GRID:
@@ -77,7 +78,7 @@ def test_per_voxel_alpha_matches_sklearn_reference(data, n_val):
 
 
 def test_mse_selection_matches_sklearn_reference(data):
-    fit = ru.fit_ridge(data["X_train"], data["Y_train"], data["X_val"], data["Y_val"], alphas=GRID,
+    fit = encoding.fit_ridge(data["X_train"], data["Y_train"], data["X_val"], data["Y_val"], alphas=GRID,
                        score="mse", device="cpu")
     mse = np.array([((data["Y_val"] - sklearn_predictions(data, a, "val")[1]) ** 2).mean(0) for a in GRID])
     np.testing.assert_allclose(fit.val_scores_, mse, rtol=1e-4)
@@ -91,35 +92,35 @@ def test_given_voxel_alphas_match_ridgecv(data):
     X, Y = data["X_train"].astype(np.float64), data["Y_train"].astype(np.float64)
     ridge_cv = RidgeCV(alphas=GRID, alpha_per_target=True).fit(X, Y)
     assert len(np.unique(ridge_cv.alpha_)) >= 2
-    fit = ru.fit_ridge(X, Y, voxel_alphas=ridge_cv.alpha_, device="cpu")
+    fit = encoding.fit_ridge(X, Y, voxel_alphas=ridge_cv.alpha_, device="cpu")
     np.testing.assert_array_equal(fit.alphas_, ridge_cv.alpha_)
     np.testing.assert_allclose(fit.predict(data["X_test"]), ridge_cv.predict(data["X_test"]), atol=1e-4)
 
 
 def test_float64_mode_and_chunking_agree(data):
     args = (data["X_train"], data["Y_train"], data["X_val"], data["Y_val"])
-    a = ru.fit_ridge(*args, alphas=GRID, device="cpu", dtype="float64", voxel_chunk=7)
-    b = ru.fit_ridge(*args, alphas=GRID, device="cpu")
+    a = encoding.fit_ridge(*args, alphas=GRID, device="cpu", dtype="float64", voxel_chunk=7)
+    b = encoding.fit_ridge(*args, alphas=GRID, device="cpu")
     np.testing.assert_allclose(a.predict(data["X_test"]), b.predict(data["X_test"]), atol=1e-4)
 
 
 def test_constant_val_voxel_gets_nan_scores_and_largest_alpha(data):
     Y_val = data["Y_val"].copy()
     Y_val[:, 5] = 0.1
-    fit = ru.fit_ridge(data["X_train"], data["Y_train"], data["X_val"], Y_val, alphas=GRID, device="cpu")
+    fit = encoding.fit_ridge(data["X_train"], data["Y_train"], data["X_val"], Y_val, alphas=GRID, device="cpu")
     assert np.isnan(fit.val_scores_[:, 5]).all() and fit.alphas_[5] == GRID[-1]
     assert np.isfinite(np.delete(fit.val_scores_, 5, axis=1)).all()
 
 
-def test_ridge_bad_input_is_a_data_error(data):
+def test_ridge_bad_input_is_a_value_error(data):
     Y = data["Y_train"].copy()
     Y[3, 2] = np.nan
-    with pytest.raises(utils.DataError, match="non-finite"):
-        ru.fit_ridge(data["X_train"], Y, alphas=1.0, device="cpu")
-    with pytest.raises(utils.DataError, match="rows"):
-        ru.fit_ridge(data["X_train"][:-1], data["Y_train"], alphas=1.0, device="cpu")
+    with pytest.raises(ValueError, match="non-finite"):
+        encoding.fit_ridge(data["X_train"], Y, alphas=1.0, device="cpu")
+    with pytest.raises(ValueError, match="rows"):
+        encoding.fit_ridge(data["X_train"][:-1], data["Y_train"], alphas=1.0, device="cpu")
     with pytest.raises(ValueError, match="validation"):
-        ru.fit_ridge(data["X_train"], data["Y_train"], alphas=GRID, device="cpu")
+        encoding.fit_ridge(data["X_train"], data["Y_train"], alphas=GRID, device="cpu")
 
 
 # ---- Pearson r ----
@@ -133,7 +134,7 @@ def test_pearson_wide_input_uses_threads_and_matches_float64():
     yc, pc = y - y.astype(np.float64).mean(0), p - p.astype(np.float64).mean(0)
     with np.errstate(invalid="ignore", divide="ignore"):
         expected = (yc * pc).sum(0) / np.sqrt((yc * yc).sum(0) * (pc * pc).sum(0))
-    r = ru.pearson_r(y, p)
+    r = encoding.pearson_r(y, p)
     assert np.isnan(r[4321]) and np.isnan(r).sum() == 1
     np.testing.assert_allclose(np.delete(r, 4321), np.delete(expected, 4321), atol=1e-6)
 
@@ -143,11 +144,11 @@ def test_pearson_matches_scipy():
     y = rng.normal(size=(50, 30)) * 5 + 100
     p = y * 0.3 + rng.normal(size=(50, 30))
     expected = scipy_r(y, p)
-    np.testing.assert_allclose(ru.pearson_r(y, p), expected, atol=1e-12)
-    np.testing.assert_allclose(ru.pearson_r(y.astype(np.float32), p.astype(np.float32)), expected, atol=1e-6)
-    np.testing.assert_allclose(ru.pearson_r(y, p, block_rows=7), expected, atol=1e-12)
-    np.testing.assert_allclose(ru.pearson_r(torch.tensor(y), torch.tensor(p)).numpy(), expected, atol=1e-12)
-    assert ru.pearson_r(y[:, 0], p[:, 0]) == pytest.approx(expected[0], abs=1e-12)
+    np.testing.assert_allclose(encoding.pearson_r(y, p), expected, atol=1e-12)
+    np.testing.assert_allclose(encoding.pearson_r(y.astype(np.float32), p.astype(np.float32)), expected, atol=1e-6)
+    np.testing.assert_allclose(encoding.pearson_r(y, p, block_rows=7), expected, atol=1e-12)
+    np.testing.assert_allclose(encoding.pearson_r(torch.tensor(y), torch.tensor(p)).numpy(), expected, atol=1e-12)
+    assert encoding.pearson_r(y[:, 0], p[:, 0]) == pytest.approx(expected[0], abs=1e-12)
 
 
 def test_constant_columns_give_nan_and_are_counted():
@@ -156,13 +157,13 @@ def test_constant_columns_give_nan_and_are_counted():
     p = rng.normal(size=(20, 5))
     y[:, 1] = 0.1   # constant truth (its centred sum of squares is rounding noise, not 0)
     p[:, 3] = -2.0  # constant prediction
-    for r in (ru.pearson_r(y, p), ru.pearson_r(torch.tensor(y), torch.tensor(p)).numpy()):
+    for r in (encoding.pearson_r(y, p), encoding.pearson_r(torch.tensor(y), torch.tensor(p)).numpy()):
         assert np.isnan(r[[1, 3]]).all() and np.isfinite(r[[0, 2, 4]]).all()
-    stats = ru.summarize_r(ru.pearson_r(y, p))
-    finite = ru.pearson_r(y, p)[[0, 2, 4]]
+    stats = encoding.summarize_r(encoding.pearson_r(y, p))
+    finite = encoding.pearson_r(y, p)[[0, 2, 4]]
     assert (stats["n"], stats["n_valid"], stats["n_nan"]) == (5, 3, 2)
     assert stats["mean"] == pytest.approx(finite.mean()) and stats["median"] == pytest.approx(np.median(finite))
-    assert np.isnan(ru.summarize_r([np.nan])["mean"])
+    assert np.isnan(encoding.summarize_r([np.nan])["mean"])
 
 
 # ---- noise ceiling ----
@@ -171,13 +172,13 @@ def test_constant_columns_give_nan_and_are_counted():
 def test_noise_normalized():
     r = np.array([0.5, -0.5, 0.3, 0.2, 0.1])
     nc = np.array([0.5, 0.25, 0.0, np.nan, 0.01])
-    out = ru.noise_normalized(r, nc)
+    out = encoding.noise_normalized(r, nc)
     np.testing.assert_allclose(out[[0, 1, 4]], [0.5, 1.0, 1.0])
     assert np.isnan(out[[2, 3]]).all()
-    with pytest.raises(utils.DataError, match="fraction"):
-        ru.noise_normalized(r, nc * 100)
-    with pytest.raises(utils.DataError, match="shape"):
-        ru.noise_normalized(r, nc[:3])
+    with pytest.raises(ValueError, match="fraction"):
+        encoding.noise_normalized(r, nc * 100)
+    with pytest.raises(ValueError, match="shape"):
+        encoding.noise_normalized(r, nc[:3])
 
 
 # ---- ROI summaries ----
@@ -188,7 +189,7 @@ def test_roi_summary_and_groups_by_hand():
          "cl": np.array([0.2, 0.1, 0.5, 0.6, 0.9, 0.0])}
     rois = {"V1v": np.array([0, 1, 2]), "FFA-1": np.array([3, 4]), "mTL-faces": np.array([], dtype=np.int64),
             "early": np.array([0, 5])}
-    rows = ru.roi_summary(r, rois, baseline="untuned")
+    rows = results_utils.roi_summary(r, rois, baseline="untuned")
     by = {(row["roi"], row["method"]): row for row in rows}
     assert len(rows) == 8
     v1 = by[("V1v", "cl")]
@@ -203,13 +204,13 @@ def test_roi_summary_and_groups_by_hand():
     assert empty["n_voxels"] == 0 and np.isnan(empty["mean_r"]) and np.isnan(empty["median_r"])
     assert np.isnan(empty["pct_improved"])
     assert by[("early", "cl")]["pct_improved"] == pytest.approx(50.0)  # tie 0.0 vs 0.0 is not an improvement
-    groups = {(g["group"], g["method"]): g for g in ru.group_summary(rows)}
+    groups = {(g["group"], g["method"]): g for g in results_utils.group_summary(rows)}
     assert groups[("Early", "cl")]["mean_of_roi_medians"] == pytest.approx(0.2)
     assert groups[("Higher", "cl")]["mean_of_roi_medians"] == pytest.approx(0.75)      # FFA-1 only
     assert groups[("Higher", "cl")]["n_rois"] == 1                                      # mTL-faces skipped
     assert groups[("Anatomical", "untuned")]["mean_of_roi_medians"] == pytest.approx(0.05)
     assert groups[("All", "cl")]["mean_of_roi_medians"] == pytest.approx((0.2 + 0.75 + 0.1) / 3)
-    no_rows = ru.group_summary(ru.roi_summary(r, {"mTL-faces": np.array([], dtype=np.int64)}))
+    no_rows = results_utils.group_summary(results_utils.roi_summary(r, {"mTL-faces": np.array([], dtype=np.int64)}))
     assert all(np.isnan(g["mean_of_roi_medians"]) and g["n_rois"] == 0 for g in no_rows)
 
 
@@ -218,7 +219,7 @@ def test_roi_summary_on_tiny_dataset(tmp_path):
     paths = utils.find_subject(make_tiny_dataset(tmp_path, subjects=(1,)), 1)
     rois = utils.roi_voxel_indices(paths, "lh", 240)
     r = {"a": np.linspace(-1, 1, 240), "b": np.zeros(240)}
-    rows = ru.roi_summary(r, rois, baseline="b")
+    rows = results_utils.roi_summary(r, rois, baseline="b")
     assert len(rows) == 2 * len(utils.ROI_NAMES)
     for row in rows:
         assert row["n_voxels"] == len(rois[row["roi"]])
@@ -235,12 +236,12 @@ def test_paired_wilcoxon_matches_scipy():
     rng = np.random.default_rng(2)
     a, b = rng.normal(0.3, 0.1, 200), rng.normal(0.28, 0.1, 200)
     a[7] = np.nan
-    out = ru.paired_wilcoxon(a, b)
+    out = results_utils.paired_wilcoxon(a, b)
     expected = scipy.stats.wilcoxon(np.delete(a, 7), np.delete(b, 7))
     assert out["n"] == 199
     assert out["statistic"] == pytest.approx(expected.statistic) and out["pvalue"] == pytest.approx(expected.pvalue)
     assert out["median_diff"] == pytest.approx(np.median(np.delete(a - b, 7)))
-    assert np.isnan(ru.paired_wilcoxon(a, a)["pvalue"])  # no differences: no test, no crash
+    assert np.isnan(results_utils.paired_wilcoxon(a, a)["pvalue"])  # no differences: no test, no crash
 
 
 def test_bootstrap_ci_is_deterministic_and_matches_direct_resamples():
@@ -249,9 +250,9 @@ def test_bootstrap_ci_is_deterministic_and_matches_direct_resamples():
     pred_a = y + rng.normal(size=y.shape) * 0.8
     pred_b = y + rng.normal(size=y.shape) * 1.5
     pred_b[:, 0] = 1.0  # a constant prediction column: NaN r, left out of the medians
-    out = ru.bootstrap_median_r_diff(y, pred_a, pred_b, n_boot=200, seed=7, voxel_chunk=10)
-    again = ru.bootstrap_median_r_diff(y, pred_a, pred_b, n_boot=200, seed=7)
-    other = ru.bootstrap_median_r_diff(y, pred_a, pred_b, n_boot=200, seed=8)
+    out = results_utils.bootstrap_median_r_diff(y, pred_a, pred_b, n_boot=200, seed=7, voxel_chunk=10)
+    again = results_utils.bootstrap_median_r_diff(y, pred_a, pred_b, n_boot=200, seed=7)
+    other = results_utils.bootstrap_median_r_diff(y, pred_a, pred_b, n_boot=200, seed=8)
     np.testing.assert_allclose(out["boot_diffs"], again["boot_diffs"], atol=1e-6)
     assert not np.allclose(out["boot_diffs"], other["boot_diffs"])
     observed = np.nanmedian(scipy_r(y, pred_a)) - np.nanmedian(scipy_r(y[:, 1:], pred_b[:, 1:]))
@@ -271,11 +272,11 @@ def test_bootstrap_ci_is_deterministic_and_matches_direct_resamples():
 def test_fit_pca_train_only_and_capped():
     rng = np.random.default_rng(5)
     X = (rng.normal(size=(80, 6)) @ rng.normal(size=(6, 300)) * 3 + rng.normal(size=(80, 300))).astype(np.float32)
-    pca = ru.fit_pca(X[:60], n_components=1000, seed=0)
+    pca = encoding.fit_pca(X[:60], n_components=1000, seed=0)
     assert pca.n_components_ == 60 and pca.transform(X[60:]).shape == (20, 60)
     exact = PCA(n_components=6, svd_solver="full").fit(X[:60])
     np.testing.assert_allclose(pca.explained_variance_[:6], exact.explained_variance_, rtol=1e-3)
-    again = ru.fit_pca(X[:60], n_components=5, seed=0).transform(X[60:])
-    np.testing.assert_array_equal(again, ru.fit_pca(X[:60], n_components=5, seed=0).transform(X[60:]))
+    again = encoding.fit_pca(X[:60], n_components=5, seed=0).transform(X[60:])
+    np.testing.assert_array_equal(again, encoding.fit_pca(X[:60], n_components=5, seed=0).transform(X[60:]))
 
 

@@ -13,7 +13,9 @@ import pytest
 import torch
 from scipy import stats
 
+import features
 import models
+import training
 import utils
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,7 +54,7 @@ def test_contrastive_loss_matches_formula_and_is_permutation_invariant():
         assert models.contrastive_loss(ft[perm], gt[perm], 0.3, symmetric).item() == pytest.approx(
             models.contrastive_loss(ft, gt, 0.3, symmetric).item(), rel=1e-12)
     # scale invariance (cosine similarities) and float32 inputs
-    assert models.contrastive_loss(3 * ft.float(), gt.float()).item() == pytest.approx(image_dir, rel=1e-5)
+    assert models.contrastive_loss(3 * ft.float(), gt.float(), 0.3).item() == pytest.approx(image_dir, rel=1e-5)
 
 
 def test_models_shapes_and_paper_dimensions():
@@ -107,12 +109,12 @@ def test_build_alexnet_weight_sources(tmp_path, monkeypatch):
 def test_prepare_images_normalises_and_flips():
     rng = np.random.default_rng(0)
     batch = rng.integers(0, 256, (3, 3, 8, 8), dtype=np.uint8)
-    mean = np.array(models.IMAGENET_MEAN).reshape(1, 3, 1, 1)
-    std = np.array(models.IMAGENET_STD).reshape(1, 3, 1, 1)
+    mean = np.array(features.IMAGENET_MEAN).reshape(1, 3, 1, 1)
+    std = np.array(features.IMAGENET_STD).reshape(1, 3, 1, 1)
     expected = (batch / 255.0 - mean) / std
-    out = models.prepare_images(batch, "cpu")
+    out = features.prepare_images(batch, "cpu")
     assert out.dtype == torch.float32 and np.allclose(out.numpy(), expected, atol=1e-5)
-    flipped = models.prepare_images(torch.from_numpy(batch), "cpu", channels_last=True, flip=[True, False, True])
+    flipped = features.prepare_images(torch.from_numpy(batch), "cpu", channels_last=True, flip=[True, False, True])
     assert flipped.is_contiguous(memory_format=torch.channels_last)
     assert np.allclose(flipped.numpy()[[0, 2]], expected[[0, 2], :, :, ::-1], atol=1e-5)
     assert np.allclose(flipped.numpy()[1], expected[1], atol=1e-5)
@@ -123,10 +125,10 @@ def test_extract_features_matches_direct_forward():
     net = models.build_alexnet("none").eval()
     images = np.random.default_rng(0).integers(0, 256, (7, 3, 64, 64), dtype=np.uint8)
     indices = np.array([5, 1, 3, 6])
-    feats = models.extract_features(net, images, indices, ("features.2", "features.12", "classifier.6"),
+    feats = features.extract_features(net, images, indices, ("features.2", "features.12", "classifier.6"),
                                     batch_size=3)
-    mean = torch.tensor(models.IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(models.IMAGENET_STD).view(1, 3, 1, 1)
+    mean = torch.tensor(features.IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(features.IMAGENET_STD).view(1, 3, 1, 1)
     x = (torch.from_numpy(images[indices]).double() / 255 - mean) / std
     with torch.no_grad():
         direct = {"features.2": net.features[:3](x.float()).flatten(1), "features.12": net.features(x.float()).flatten(1),
@@ -134,10 +136,10 @@ def test_extract_features_matches_direct_forward():
     for layer, value in direct.items():
         assert feats[layer].dtype == np.float32 and feats[layer].shape == tuple(value.shape)
         assert np.allclose(feats[layer], value.numpy(), atol=1e-4, rtol=1e-4), layer
-    dims = models.feature_dims(net, models.ALEXNET_LAYERS, 64)
+    dims = features.feature_dims(net, models.ALEXNET_LAYERS, 64)
     assert dims["features.2"] == feats["features.2"].shape[1] and dims["classifier.6"] == 1000
     out = {"classifier.6": np.zeros((4, 1000), dtype=np.float32)}
-    models.extract_features(net, images, indices, ("classifier.6",), batch_size=2, out=out)
+    features.extract_features(net, images, indices, ("classifier.6",), batch_size=2, out=out)
     assert np.allclose(out["classifier.6"], feats["classifier.6"], atol=1e-5)
 
 
@@ -147,7 +149,7 @@ def test_checkpoint_round_trip_and_tuned_backbone(tmp_path):
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, patience=3)
     f, g = model(torch.randn(4, 3, 64, 64), torch.randn(4, 30))
-    models.contrastive_loss(f, g).backward()
+    models.contrastive_loss(f, g, 0.3).backward()
     optimizer.step()
     scheduler.step(1.0)
     path = models.checkpoint_path(tmp_path, "cl", 3, "rh", "FFA-1", "last")
@@ -179,35 +181,35 @@ def test_checkpoint_round_trip_and_tuned_backbone(tmp_path):
 
 def test_epoch_batches_partition_and_depend_on_seed_and_epoch():
     idx = np.arange(100, 137)
-    batches = models.epoch_batches(idx, 10, seed=0, epoch=3)
+    batches = training.epoch_batches(idx, 10, seed=0, epoch=3)
     assert [len(b) for b in batches] == [10, 9, 9, 9]  # near-equal, none larger than batch_size
     assert np.array_equal(np.sort(np.concatenate(batches)), idx)
     assert all(np.array_equal(b, np.sort(b)) for b in batches)
-    again = models.epoch_batches(idx, 10, seed=0, epoch=3)
+    again = training.epoch_batches(idx, 10, seed=0, epoch=3)
     assert all(np.array_equal(a, b) for a, b in zip(batches, again))
-    other = models.epoch_batches(idx, 10, seed=0, epoch=4)
+    other = training.epoch_batches(idx, 10, seed=0, epoch=4)
     assert not all(np.array_equal(a, b) for a, b in zip(batches, other))
 
 
 def test_sweep_shards_cover_every_job_once():
-    every = models.sweep_jobs(["lh", "rh"], [])
+    every = training.sweep_jobs(["lh", "rh"], [])
     assert len(every) == 62 and len(set(every)) == 62
     for n in (1, 2, 3, 5, 62, 70):
-        shards = [models.sweep_jobs(["lh", "rh"], [], models.parse_shard(f"{i}/{n}")) for i in range(n)]
+        shards = [training.sweep_jobs(["lh", "rh"], [], training.parse_shard(f"{i}/{n}")) for i in range(n)]
         flat = [job for shard in shards for job in shard]
         assert sorted(flat) == sorted(every) and len(flat) == len(every)
     for bad in ("2/2", "1", "a/b", "-1/3"):
         with pytest.raises(utils.DataError, match="shard"):
-            models.parse_shard(bad)
+            training.parse_shard(bad)
     with pytest.raises(utils.DataError, match="unknown ROI"):
-        models.sweep_jobs(["lh"], ["FFA-9"])
+        training.sweep_jobs(["lh"], ["FFA-9"])
     with pytest.raises(utils.DataError, match="hemisphere"):
-        models.sweep_jobs(["left"], ["V1v"])
+        training.sweep_jobs(["left"], ["V1v"])
 
 
 @pytest.mark.parametrize("method", ["cl", "reg"])
 def test_measure_throughput_runs_with_bf16_autocast(method):
-    out = models.measure_throughput(method, n_voxels=30, image_size=64, batch_size=4, steps=1, warmup=0,
+    out = training.measure_throughput(method, n_voxels=30, image_size=64, batch_size=4, steps=1, warmup=0,
                                     cpu_bf16=True, channels_last=True)
     assert out["train_images_per_s"] > 0 and out["inference_images_per_s"] > 0
 
@@ -217,7 +219,7 @@ def test_bf16_autocast_training_step_is_finite():
     model = models.build_model("cl", 30, "none").train()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         f, g = model(torch.randn(6, 3, 64, 64), torch.randn(6, 30))
-        loss = models.contrastive_loss(f, g)
+        loss = models.contrastive_loss(f, g, 0.3)
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

@@ -11,8 +11,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import encoding
+import features
 import models
-import results_utils
+import outputs
+import study
 import utils
 from conftest import REPO, make_tiny_dataset
 
@@ -33,12 +36,12 @@ def read_csv(path) -> list[dict]:
 def plant_layer_signal(root, out, layer: str, subjects=(1,), noise: float = 0.3, seed: int = 0):
     """Overwrite the fMRI with a linear readout of one layer of the untuned (weights=none) AlexNet."""
     rng = np.random.default_rng(seed)
-    backbone = results_utils.load_backbone("untuned:none", "cpu")
+    backbone = features.load_backbone("untuned:none", "cpu")
     for subject in subjects:
         paths = utils.find_subject(root, subject)
         images = utils.list_images(paths.train_images)
         cache = utils.load_image_cache(out, subject, images, size=64)
-        feats = models.extract_features(backbone, cache, None, [layer], batch_size=64, device="cpu")[layer]
+        feats = features.extract_features(backbone, cache, None, [layer], batch_size=64, device="cpu")[layer]
         # A readout of the layer's top 10 principal components: what PCA + ridge on that layer can recover.
         centred = feats - feats.mean(0)
         scores = np.linalg.svd(centred, full_matrices=False)[0][:, :10]
@@ -146,7 +149,7 @@ def test_single_subject_tables(pipeline):
     assert [r["group"] for r in summary] == ["Early", "Higher", "Anatomical", "All"]
     for name in ("single_subj_lh_bars.png", "single_subj_lh_voxel_differences.png", "single_subj_lh.md"):
         assert (pipeline["results"] / "subj01" / name).is_file()
-        assert utils.sidecar_path(pipeline["results"] / "subj01" / name).is_file()
+        assert outputs.sidecar_path(pipeline["results"] / "subj01" / name).is_file()
 
 
 def test_untuned_score_matches_sklearn_and_scipy(pipeline):
@@ -154,19 +157,17 @@ def test_untuned_score_matches_sklearn_and_scipy(pipeline):
     from scipy.stats import pearsonr
     from sklearn.linear_model import Ridge
     root, out = pipeline["root"], pipeline["out"]
-    options = {"data_dir": str(root), "out_dir": str(out), "split_seed": 0, "image_size": 64,
-               "hemispheres": ["lh"], "pca_components": 1000, "seed": 0, "batch_size": 64,
-               "feature_memory_gb": 1.0, "weights": "none", "alpha_mode": "per-voxel",
-               "alphas": [1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7]}
-    study = results_utils.EncodingStudy(options, "cpu")
-    layer = results_utils.load_best_layers(out, 1, "lh")["FFA-1"]
-    feats = results_utils.unit_scale(study.features(1, "untuned:none", [layer])[layer])
-    d = study.subject(1)
-    idx, split = d["rois"]["lh"]["FFA-1"], d["split"]
-    y = d["fmri"]["lh"][:, idx]
+    alphas = [1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7]
+    encoding_study = study.EncodingStudy(root, out, ["lh"], "none", 64, 0, 1000, 0, 64, 1.0, "per-voxel", alphas,
+                                         "classifier.6", "best", "cpu")
+    layer = study.load_best_layers(out, 1, "lh")["FFA-1"]
+    feats = encoding.unit_scale(encoding_study.features(1, "untuned:none", [layer])[layer])
+    d = encoding_study.subject(1)
+    idx, split = d.roi_voxel_indices["lh"]["FFA-1"], d.split
+    y = np.asarray(d.fmri["lh"])[:, idx]
     val_r = np.array([[pearsonr(y[split["val"], v], Ridge(alpha=a).fit(feats["train"], y[split["train"]])
-                                .predict(feats["val"])[:, v])[0] for v in range(len(idx))] for a in options["alphas"]])
-    chosen = np.asarray(options["alphas"])[val_r.argmax(0)]
+                                .predict(feats["val"])[:, v])[0] for v in range(len(idx))] for a in alphas])
+    chosen = np.asarray(alphas)[val_r.argmax(0)]
     test_r = [pearsonr(y[split["test"], v], Ridge(alpha=chosen[v]).fit(feats["train"], y[split["train"], v])
                        .predict(feats["test"]))[0] for v in range(len(idx))]
     voxel_r = np.load(pipeline["results"] / "subj01" / "single_subj_lh_voxel_r.npz")["FFA-1"][0]

@@ -10,14 +10,16 @@ from pathlib import Path
 import pytest
 import torch
 
+import features
 import models
+import training
 import utils
 from conftest import make_tiny_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 64  # AlexNet's conv stack needs >= 63 px; the cache upsamples the 32 px PNGs
 # float32 on CPU (cpu_bf16=False) so runs can be compared to tight tolerances
-FAST = models.TrainSettings(epochs=3, batch_size=12, lr=1e-4, weights="none", dropout=0.0, cpu_bf16=False)
+FAST = training.default_settings("cl", epochs=3, batch_size=12, lr=1e-4, weights="none", dropout=0.0, cpu_bf16=False)
 COMMON_ARGS = ["--weights=none", f"--image_size={SIZE}", "--batch_size=12", "--num_threads=1", "--cpu_bf16=false"]
 
 
@@ -27,9 +29,9 @@ def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("training")
     data_dir = make_tiny_dataset(root / "data", subjects=(1,))
     out_dir = root / "out"
-    data = models.load_training_data(data_dir, out_dir, 1, SIZE, hemispheres=["lh"])
+    data = utils.load_subject(data_dir, 1, out_dir, SIZE, hemispheres=["lh"])
     return {"root": root, "data_dir": data_dir, "out_dir": out_dir, "data": data,
-            "runtime": models.setup_runtime("cpu")}
+            "runtime": training.setup_runtime("cpu")}
 
 
 def read_log(run_dir) -> list[dict]:
@@ -38,8 +40,8 @@ def read_log(run_dir) -> list[dict]:
 
 
 def train(tiny, method, roi, run_dir, settings):
-    fmri, idx = models.roi_fmri(tiny["data"], "lh", roi)
-    return models.train_roi_model(method, tiny["data"].images, fmri, tiny["data"].split, idx, run_dir, settings,
+    fmri, idx = training.roi_fmri(tiny["data"], "lh", roi)
+    return training.train_roi_model(method, tiny["data"].images, fmri, tiny["data"].split, idx, run_dir, settings,
                                   {"test": True}, tiny["runtime"])
 
 
@@ -64,16 +66,16 @@ def test_cl_and_reg_learn_the_signal_roi(tiny, cl_run):
     assert models.load_checkpoint(run_dir / "best.pt")["epoch"] == best_epoch
     last = models.load_checkpoint(run_dir / "last.pt")
     assert last["done"] and "optimizer" not in last  # slim_finished
-    assert models.read_done(run_dir)["epochs"] == 3
+    assert training.read_done(run_dir)["epochs"] == 3
 
     reg_dir = tiny["root"] / "runs" / "reg_learn"
     train(tiny, "reg", "FFA-1", reg_dir, replace(FAST, epochs=2))
     reg_log = read_log(reg_dir)
     assert reg_log[-1]["train_loss"] < reg_log[0]["train_loss"]
     # deterministic check (no dropout, no BatchNorm): training-set MSE of the tuned model < of the initial one
-    fmri, _ = models.roi_fmri(tiny["data"], "lh", "FFA-1")
+    fmri, _ = training.roi_fmri(tiny["data"], "lh", "FFA-1")
     rows = tiny["data"].split["train"]
-    x = models.prepare_images(tiny["data"].images[rows], "cpu")
+    x = features.prepare_images(tiny["data"].images[rows], "cpu")
     y = torch.from_numpy(fmri[rows])
     torch.manual_seed(FAST.seed)
     initial = models.build_model("reg", 30, "none", 0.0).eval()
@@ -87,7 +89,7 @@ def test_resume_equals_uninterrupted_run(tiny):
     whole, parts = tiny["root"] / "runs" / "whole", tiny["root"] / "runs" / "parts"
     train(tiny, "cl", "V1v", whole, settings)
     first = train(tiny, "cl", "V1v", parts, replace(settings, stop_after_epoch=1))
-    assert first["status"] == "stopped" and first["epochs"] == 1 and models.read_done(parts) is None
+    assert first["status"] == "stopped" and first["epochs"] == 1 and training.read_done(parts) is None
     second = train(tiny, "cl", "V1v", parts, replace(settings, resume=True))
     assert second["status"] == "resumed" and second["epochs"] == 2
     a, b = models.load_checkpoint(whole / "last.pt"), models.load_checkpoint(parts / "last.pt")
@@ -106,10 +108,10 @@ def test_resume_equals_uninterrupted_run(tiny):
 
 def test_small_and_empty_rois_are_refused(tiny):
     data = tiny["data"]
-    small = models.TrainingData(data.subject, data.images, data.split, data.fmri,
-                                {"lh": {**data.voxel_indices["lh"], "V1v": data.voxel_indices["lh"]["V1v"][:12]}})
+    small = replace(data, roi_voxel_indices={"lh": {**data.roi_voxel_indices["lh"],
+                                                    "V1v": data.roi_voxel_indices["lh"]["V1v"][:12]}})
     with pytest.raises(utils.DataError, match="12 voxels; training needs at least 20"):
-        models.roi_fmri(small, "lh", "V1v")
+        training.roi_fmri(small, "lh", "V1v")
     proc = subprocess.run([sys.executable, str(REPO / "cl_model_training.py"), f"--data_dir={tiny['data_dir']}",
                            f"--out_dir={tiny['out_dir']}", "--roi=mTL-faces", *COMMON_ARGS],
                           capture_output=True, text=True, timeout=120)
@@ -138,7 +140,7 @@ def test_sweep_skips_small_rois_resumes_and_skips_finished(tiny):
     resumed = run_sweep(tiny)
     assert resumed["V1v"]["status"] == resumed["PPA"]["status"] == "resumed"
     assert resumed["PPA"]["epochs"] == "2" and float(resumed["PPA"]["best_val_r"]) == pytest.approx(
-        models.read_done(run_dirs["PPA"])["best_val_r"])
+        training.read_done(run_dirs["PPA"])["best_val_r"])
     assert [row["epoch"] for row in read_log(run_dirs["V1v"])] == [1, 2]
     stamps = {roi: (d / "last.pt").stat().st_mtime_ns for roi, d in run_dirs.items()}
     again = run_sweep(tiny)

@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import options
+import outputs
 import utils
 from conftest import REPO, make_tiny_dataset
 
@@ -21,7 +23,7 @@ def test_options_parse_types_lists_bools_and_config(tmp_path):
          "extra": None, "utils": utils, "_private": 1}
     cfg = tmp_path / "cfg.json"
     cfg.write_text(json.dumps({"epochs": 5, "lr": 1}))
-    opts = utils.apply_options(g, [f"--config={cfg}", "--amp=false", "--rois=V1v,PPA", "--subjects=2,3",
+    opts = options.apply_options(g, [f"--config={cfg}", "--amp=false", "--rois=V1v,PPA", "--subjects=2,3",
                                    "--name=run 1", "--extra=[1, 2]"])
     assert opts == {"epochs": 5, "lr": 1.0, "amp": False, "rois": ["V1v", "PPA"], "subjects": [2, 3],
                     "name": "run 1", "extra": [1, 2]}
@@ -36,7 +38,7 @@ def test_options_parse_types_lists_bools_and_config(tmp_path):
 ])
 def test_options_errors_name_valid_choices(argv, message):
     with pytest.raises(utils.OptionsError, match=message):
-        utils.apply_options({"epochs": 30, "amp": True}, argv)
+        options.apply_options({"epochs": 30, "amp": True}, argv)
 
 
 # ---- layouts and ROI masks -------------------------------------------------------------------
@@ -241,14 +243,14 @@ def test_image_cache_matches_pil_is_reused_and_rebuilt(tmp_path):
 
 def test_atomic_write_leaves_old_file_on_failure_and_writes_sidecar(tmp_path):
     target = tmp_path / "table.npy"
-    utils.save_npy(target, np.arange(3), {"alpha": 1.0})
-    assert json.loads(utils.sidecar_path(target).read_text())["options"] == {"alpha": 1.0}
+    outputs.save_npy(target, np.arange(3), {"alpha": 1.0})
+    assert json.loads(outputs.sidecar_path(target).read_text())["options"] == {"alpha": 1.0}
 
     def boom(fh):
         fh.write(b"partial")
         raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError):
-        utils.atomic_write(target, boom)
+        outputs.atomic_write(target, boom)
     np.testing.assert_array_equal(np.load(target), np.arange(3))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["table.npy", "table.npy.meta.json"]
