@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import scipy.stats
+import torch
 from sklearn.decomposition import PCA
 from sklearn.linear_model import Ridge, RidgeCV
 
@@ -123,7 +124,7 @@ def test_ridge_bad_input_is_a_value_error(data):
 
 
 def test_val_norms_one_product_match_per_alpha_predictions():
-    """|val predictions|^2 of all alphas from the stacked triangular products equal explicit ones."""
+    """|val predictions|^2 of all alphas from the stacked triangular blocks equal explicit ones."""
     rng = np.random.default_rng(6)
     for n_val, k in ((30, 12), (9, 12)):   # square R and trapezoidal R (fewer val images than features)
         A_val = rng.normal(size=(n_val, k))
@@ -131,8 +132,9 @@ def test_val_norms_one_product_match_per_alpha_predictions():
         Z = rng.normal(size=(k, 7))
         D = 1.0 / (rng.uniform(1, 50, k)[None, :] + GRID[:, None])
         expected = np.array([((A_val @ (d[:, None] * Z)) ** 2).sum(0) for d in D])
-        for n_blocks in (1, 3, 4):
-            got = encoding._val_sq_norms(R, np.ascontiguousarray(D.T), Z, n_blocks)
+        for n_blocks in (1, 3, 8):
+            blocks = encoding._stacked_triangular_blocks(torch.as_tensor(R), torch.as_tensor(D), n_blocks)
+            got = encoding._val_sq_norms([(lo, block.numpy()) for lo, block in blocks], Z, len(GRID))
             np.testing.assert_allclose(got, expected, rtol=1e-12)
 
 
