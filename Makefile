@@ -34,7 +34,7 @@ demo: demo-data
 	  $(PY) cl_model_training_all_rois.py $(DEMO_FLAGS) $(DEMO_TRAIN) --subject=$$s && \
 	  $(PY) reg_model_training_all_rois.py $(DEMO_FLAGS) $(DEMO_TRAIN) --subject=$$s || exit 1; \
 	done
-	$(PY) generate_results.py $(DEMO_FLAGS) --results_dir=$(RESULTS) --type=all --hemispheres=lh \
+	$(PY) generate_results.py $(DEMO_FLAGS) --results_dir=$(RESULTS) --result_type=all --hemispheres=lh \
 	  --cross_subj_rois=$(DEMO_ROIS) --classification_rois=$(DEMO_ROIS)
 	@echo "demo finished: tables and figures in $(RESULTS)/, models in $(DEMO_OUT)/models/"
 

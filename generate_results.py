@@ -19,7 +19,12 @@ methods = ["cl", "reg"]                     # tuned models to compare
 checkpoint = "best"                         # best (val-selected) or last checkpoint of each model
 weights = "IMAGENET1K_V1"                   # untuned AlexNet weights (as in get_best_alex_layer.py)
 image_size = 224                            # pixels fed to AlexNet (as in training)
-tuned_layer = "classifier.6"                # tuned-backbone layer used as encoding features
+tuned_layer = "best"                        # best (each tuned backbone searched over `layers`, like the untuned
+                                            # one) | untuned (the ROI's best untuned layer: 2023 original) | a layer
+layers = ["features.2", "features.5", "features.7", "features.9", "features.12",
+          "classifier.2", "classifier.5", "classifier.6"]  # layers searched for tuned backbones (tuned_layer=best)
+alpha_holdout = 0.1                         # fraction of train that chooses alphas in the layer search
+keep_search_features = False                # keep every searched layer's cached features (else only the chosen)
 pca_components = 1000                       # PCA size for wide untuned layers (fitted on train only)
 alpha_mode = "per-voxel"                    # per-voxel (alpha chosen on val) | paper (fixed 1e3 / 1e4)
 alphas = [1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7]  # ridge alpha grid in per-voxel mode
@@ -27,7 +32,6 @@ n_bootstrap = 1000                          # bootstrap resamples of test images
 split_seed = 0                              # seed of the train/val/test split (read back from out_dir)
 seed = 0                                    # PCA, bootstrap and probe-split seed
 batch_size = 128                            # images per forward pass
-feature_memory_gb = 8.0                     # raw activations held at once
 device = "auto"                             # auto (cuda if present), cpu, cuda, ...
 classification_dataset = "imagefolder"      # imagefolder | caltech256 | places365 | sun397 | imagenet
 classification_root = ""                    # dataset folder; "" = <data_dir>/imagefolder (the demo's)
@@ -58,8 +62,8 @@ if not set(types) <= {"single-subj", "cross-subj", "classification-task"}:
                              "or all")
 subject_list = utils.resolve_subjects(data_dir, subjects)
 study = encoding_study.EncodingStudy(data_dir, out_dir, hemispheres, weights, image_size, split_seed, pca_components,
-                                     seed, batch_size, feature_memory_gb, alpha_mode, alphas, tuned_layer,
-                                     checkpoint, options.resolve_device(device))
+                                     seed, batch_size, alpha_mode, alphas, tuned_layer, checkpoint,
+                                     options.resolve_device(device), layers, alpha_holdout, keep_search_features)
 if {"single-subj", "cross-subj"} & set(types):
     for subject in subject_list:  # validate every subject (and the best-layer files) before writing anything
         study.subject(subject)

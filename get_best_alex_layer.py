@@ -2,7 +2,10 @@
 
 For each subject and hemisphere writes out_dir/best_layer/subjXX/{hemi}_best_layer.json (ROI -> layer),
 {hemi}_layer_roi_scores.npy (layers x ROIs median r, NaN for empty ROIs) and a heatmap PNG.
-The test split is never read: ridge alphas are chosen on a hold-out of the train split.
+Ridge alphas are chosen on a hold-out of the train split, so val only scores; the test split is never scored
+here. One forward pass extracts every layer for all the subject's images (and the challenge test images when
+the data has them), so later stages (generate_results.py, predict_test_images.py) reuse the cached features.
+Tuned backbones get the same search in generate_results.py (tuned_layer="best").
 """
 # ---- OPTIONS (override with --name=value or --config=FILE.json) ----
 data_dir = "algonauts_2023_challenge_data"  # Algonauts 2023 download (read only)
@@ -19,7 +22,6 @@ alpha_holdout = 0.1                         # fraction of train used to choose e
 split_seed = 0                              # seed of the train/val/test split (used once, then read back)
 seed = 0                                    # PCA seed
 batch_size = 128                            # images per forward pass
-feature_memory_gb = 8.0                     # raw activations held at once (more layers per pass)
 device = "auto"                             # auto (cuda if present), cpu, cuda, cuda:1, ...
 # ---------------------------------------------------------------------
 from pathlib import Path
@@ -41,11 +43,12 @@ subject_data = {s: utils.load_subject(data_dir, s, hemispheres=hemispheres) for 
 
 summary = []
 for subject, d in subject_data.items():
-    split = utils.get_split(out_dir, subject, d.image_paths, seed=split_seed)
-    image_cache = utils.load_image_cache(out_dir, subject, d.image_paths, size=image_size)
-    layer_features = features.layer_features(
-        out_dir, subject, f"untuned:{weights}", layers, image_cache, split, ("train", "val"), image_size,
-        pca_components, seed, torch_device, batch_size, feature_memory_gb)
+    d.split = split = utils.get_split(out_dir, subject, d.image_paths, seed=split_seed)
+    d.images = utils.load_image_cache(out_dir, subject, d.image_paths, size=image_size)
+    challenge = utils.load_challenge_images(d.paths, out_dir, image_size)
+    layer_features = features.layer_features(out_dir, subject, f"untuned:{weights}", layers,
+                                             features.subject_image_sets(d, challenge_images=challenge),
+                                             image_size, pca_components, seed, torch_device, batch_size)
     subject_out = Path(out_dir) / "best_layer" / utils.subject_dir_name(subject)
     for hemi in hemispheres:
         roi_indices = d.roi_voxel_indices[hemi]

@@ -136,7 +136,8 @@ def bootstrap_median_r_diff(y_true, pred_a, pred_b, n_boot: int = 1000, seed: in
 # -- Encoding core: synthetic data and timing helpers (benchmark.py, tests) --
 
 
-SINGLE_SUBJ_COLUMNS = ["roi", "group", "n_voxels", "untuned_layer", "median_r_untuned", "median_r_reg", "median_r_cl",
+SINGLE_SUBJ_COLUMNS = ["roi", "group", "n_voxels", "layer_untuned", "layer_reg", "layer_cl",
+                       "median_r_untuned", "median_r_reg", "median_r_cl",
                        "pct_improved_cl_vs_untuned", "pct_improved_cl_vs_reg", "wilcoxon_p_cl_vs_untuned",
                        "ci95_median_diff_cl_vs_untuned", "wilcoxon_p_cl_vs_reg", "ci95_median_diff_cl_vs_reg"]
 
@@ -155,7 +156,7 @@ def single_subject_rows(study: EncodingStudy, subject: int, hemi: str, rois, n_b
     for roi in rois:
         idx = d.roi_voxel_indices[hemi][roi]
         row = {"subject": subject, "hemisphere": hemi, "roi": roi, "group": utils.roi_group(roi), "n_voxels": len(idx),
-               "untuned_layer": best.get(roi, "")}
+               "layer_untuned": best.get(roi, "")}
         if not len(idx):
             rows.append({**row, "note": "empty ROI"})
             continue
@@ -164,6 +165,8 @@ def single_subject_rows(study: EncodingStudy, subject: int, hemi: str, rois, n_b
                 "cl": study.tuned("cl", subject, subject, hemi, roi)}
         for m in (m for m, fit in fits.items() if fit is None):
             missing.setdefault(m, []).append(roi)
+        for m in ("reg", "cl"):
+            row[f"layer_{m}"] = study.tuned_layer_of(m, subject, hemi, roi) if fits[m] is not None else ""
         r = {m: (fit[1] if fit is not None else np.full(len(idx), np.nan)) for m, fit in fits.items()}
         voxel_r[roi] = np.stack([r["untuned"], r["reg"], r["cl"]]).astype(np.float32)
         whole_roi = {roi: np.arange(len(idx))}

@@ -354,6 +354,8 @@ def validate_subject(paths: SubjectPaths, check_values: bool = True) -> dict:
             nc = np.load(nc_file, allow_pickle=False)
             if nc.shape != (fmri.shape[1],):
                 raise DataError(f"{nc_file}: noise ceiling of shape {nc.shape}, expected ({fmri.shape[1]},)")
+    if paths.test_images is not None:
+        check_png_files(list_images(paths.test_images))
     return {"n_images": len(images), "n_vertices": n_vertices, "images": images}
 
 
@@ -462,6 +464,16 @@ def load_image_cache(out_dir, subject: int, image_paths, size: int = 224, tag: s
         del decode_into, cache  # close the memmap before the rename
     write_sidecar(path, {"size": size}, cache_key=key)
     return np.load(path, mmap_mode="r")
+
+
+def load_challenge_images(paths: SubjectPaths, out_dir, size: int) -> np.ndarray | None:
+    """The subject's challenge test images (no fMRI), decoded once into a memmapped cache; None if absent."""
+    if paths.test_images is None:
+        return None
+    image_paths = list_images(paths.test_images)
+    if not image_paths:
+        return None
+    return load_image_cache(out_dir, paths.subject, image_paths, size=size, tag="challenge")
 
 
 # ---------------------------------------------------------------------------------------------
