@@ -137,23 +137,25 @@ def summarize_r(r) -> dict:
     return stats
 
 
-def noise_normalized(r, noise_ceiling):
-    """Noise-ceiling-normalised accuracy r^2 / nc per voxel (Algonauts 2023 convention; can exceed 1).
+def challenge_score(r, noise_ceiling):
+    """Algonauts 2023 challenge score per vertex: 100 max(r, 0)^2 / NC capped at 100; NaN where NC <= 0 or not finite.
 
-    nc is the fraction (0..1) of variance explainable by the stimulus; nc <= 0 or non-finite -> NaN.
-    The sign of r is lost (a negative r scores like a positive one), as in the challenge metric.
+    noise_ceiling is the fraction (0..1) of variance explainable by the stimulus (utils.load_noise_ceiling
+    converts percentages). As in the organisers' code a negative r scores 0 and a score above the ceiling
+    is capped at 100; unlike it (which sets NC = 0 to 1e-14, scoring any r > 0 as 100), NC <= 0 gives NaN.
     """
     r = np.asarray(r, dtype=np.float64)
     nc = np.asarray(noise_ceiling, dtype=np.float64)
     if r.shape != nc.shape:
         raise ValueError(f"noise ceiling of shape {nc.shape} does not match the {r.shape} correlations; "
-                              "expected one value per voxel")
+                         "expected one value per voxel")
     if np.nanmax(nc, initial=0.0) > 1.0:
         raise ValueError(f"noise ceiling up to {np.nanmax(nc):.3g}: expected a fraction of explainable "
-                              "variance in 0..1 (divide percentages by 100)")
+                         "variance in 0..1 (divide percentages by 100)")
     out = np.full(r.shape, np.nan)
     ok = np.isfinite(nc) & (nc > 0)
-    out[ok] = r[ok] ** 2 / nc[ok]
+    with np.errstate(invalid="ignore"):
+        out[ok] = np.minimum(100.0 * np.maximum(r[ok], 0.0) ** 2 / nc[ok], 100.0)  # NaN r stays NaN
     return out
 
 

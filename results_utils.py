@@ -1,11 +1,10 @@
-"""Result tables and statistics: per-ROI summaries, % of voxels improved, paired tests, bootstrap CIs, group tables."""
+"""Result tables: per-ROI summaries, % of voxels improved, group tables; their statistics come from significance.py."""
 from __future__ import annotations
-
-import warnings
 
 import numpy as np
 
 import encoding
+import significance
 import utils
 from study import EncodingStudy, load_best_layers
 
@@ -62,7 +61,11 @@ def group_summary(roi_rows: list[dict]) -> list[dict]:
 
 
 def paired_wilcoxon(r_a, r_b) -> dict:
-    """Wilcoxon signed-rank test (scipy, two-sided) of per-voxel r_a vs r_b over voxels finite in both."""
+    """Descriptive only, never a p-value for a comparison: Wilcoxon signed-rank statistic of per-voxel r_a vs r_b.
+
+    Voxels are not independent samples (neighbours share noise), so its 'pvalue' overstates the evidence;
+    tables report significance.permutation_test_r_diff (over test images) instead.
+    """
     from scipy.stats import wilcoxon
     r_a = np.asarray(r_a, dtype=np.float64).ravel()
     r_b = np.asarray(r_b, dtype=np.float64).ravel()
@@ -81,56 +84,10 @@ def paired_wilcoxon(r_a, r_b) -> dict:
 
 def bootstrap_median_r_diff(y_true, pred_a, pred_b, n_boot: int = 1000, seed: int = 0, ci: float = 0.95,
                             voxel_chunk: int = 1024, progress: bool = False) -> dict:
-    """Bootstrap over test images of median_voxels(r_a) - median_voxels(r_b), with a percentile CI.
-
-    Each resample draws the test rows with replacement (seeded) and recomputes every voxel's r for
-    both methods from the predictions and the truth. Vectorised: a resample is a vector of row counts,
-    so its weighted sums for all resamples are one float64 matmul per voxel chunk.
-    Returns observed, ci_low, ci_high, boot_diffs (n_boot), n_boot, seed, ci.
-    """
-    y = np.asarray(y_true)
-    a, b = np.asarray(pred_a), np.asarray(pred_b)
-    if not (y.shape == a.shape == b.shape) or y.ndim != 2:
-        raise ValueError(f"bootstrap: y_true {y.shape}, pred_a {a.shape}, pred_b {b.shape} must be equal 2-D shapes")
-    n, v = y.shape
-    observed = float(np.nanmedian(encoding.pearson_r(y, a)) - np.nanmedian(encoding.pearson_r(y, b)))
-    rng = np.random.default_rng(seed)
-    rows = rng.integers(0, n, size=(n_boot, n))
-    counts = np.bincount((rows + n * np.arange(n_boot)[:, None]).ravel(),
-                         minlength=n_boot * n).reshape(n_boot, n).astype(np.float64)
-    r_a = np.empty((n_boot, v), dtype=np.float32)
-    r_b = np.empty((n_boot, v), dtype=np.float32)
-    starts = range(0, v, voxel_chunk)
-    if progress:
-        from tqdm import tqdm
-        starts = tqdm(starts, desc="bootstrap voxel chunks", unit="chunk")
-    for start in starts:
-        cols = slice(start, start + voxel_chunk)
-        blocks = []
-        for m in (y, a, b):
-            blk = np.asarray(m[:, cols], dtype=np.float64)
-            blocks.append(blk - blk.mean(0))   # centring first keeps sum-of-squares differences accurate
-        yc, ac, bc = blocks
-        constant = [(np.asarray(m[:, cols]).max(0) == np.asarray(m[:, cols]).min(0)) for m in (y, a, b)]
-        vc = yc.shape[1]
-        sums = counts @ np.concatenate([yc, ac, bc, yc * yc, ac * ac, bc * bc, yc * ac, yc * bc], axis=1)
-        s_y, s_a, s_b, s_yy, s_aa, s_bb, s_ya, s_yb = (sums[:, i * vc:(i + 1) * vc] for i in range(8))
-        var_y = n * s_yy - s_y * s_y
-        with np.errstate(invalid="ignore", divide="ignore"):
-            for out, s_p, s_pp, s_yp, const_p in ((r_a, s_a, s_aa, s_ya, constant[1]),
-                                                  (r_b, s_b, s_bb, s_yb, constant[2])):
-                r = (n * s_yp - s_y * s_p) / np.sqrt(var_y * (n * s_pp - s_p * s_p))
-                # a resample of one repeated row is constant: its variance is rounding noise, not 0
-                r[(var_y <= 1e-12 * np.abs(n * s_yy)) | ((n * s_pp - s_p * s_p) <= 1e-12 * np.abs(n * s_pp))] = np.nan
-                r[:, constant[0] | const_p] = np.nan
-                out[:, cols] = np.clip(r, -1, 1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN resample rows -> NaN diff
-        diffs = np.nanmedian(r_a, axis=1) - np.nanmedian(r_b, axis=1)
-    tail = 100 * (1 - ci) / 2
-    low, high = np.nanpercentile(diffs, [tail, 100 - tail])
-    return {"observed": observed, "ci_low": float(low), "ci_high": float(high), "boot_diffs": diffs,
-            "n_boot": int(n_boot), "seed": int(seed), "ci": float(ci)}
+    """The median part of significance.bootstrap_r_diff under its old keys (observed, ci_low, ci_high, boot_diffs)."""
+    boot = significance.bootstrap_r_diff(y_true, pred_a, pred_b, n_boot, seed, ci, voxel_chunk, progress)
+    return {"observed": boot["median_diff"], "ci_low": boot["median_ci_low"], "ci_high": boot["median_ci_high"],
+            "boot_diffs": boot["median_boot_diffs"], "n_boot": boot["n_boot"], "seed": boot["seed"], "ci": boot["ci"]}
 
 
 # -- Encoding core: synthetic data and timing helpers (benchmark.py, tests) --
@@ -138,12 +95,12 @@ def bootstrap_median_r_diff(y_true, pred_a, pred_b, n_boot: int = 1000, seed: in
 
 SINGLE_SUBJ_COLUMNS = ["roi", "group", "n_voxels", "layer_untuned", "layer_reg", "layer_cl",
                        "median_r_untuned", "median_r_reg", "median_r_cl",
-                       "pct_improved_cl_vs_untuned", "pct_improved_cl_vs_reg", "wilcoxon_p_cl_vs_untuned",
-                       "ci95_median_diff_cl_vs_untuned", "wilcoxon_p_cl_vs_reg", "ci95_median_diff_cl_vs_reg"]
+                       "pct_improved_cl_vs_untuned", "pct_improved_cl_vs_reg", "perm_p_median_cl_vs_untuned",
+                       "ci95_median_diff_cl_vs_untuned", "perm_p_median_cl_vs_reg", "ci95_median_diff_cl_vs_reg"]
 
 
 def single_subject_rows(study: EncodingStudy, subject: int, hemi: str, rois, n_bootstrap: int = 1000,
-                        seed: int = 0):
+                        seed: int = 0, n_permutations: int = 1000):
     """Per-ROI rows (median/mean r per method, % voxels improved, statistics), per-voxel r, and
     {method: ROIs without a model}.
 
@@ -180,14 +137,18 @@ def single_subject_rows(study: EncodingStudy, subject: int, hemi: str, rois, n_b
         ceiling = d.noise_ceiling.get(hemi)
         if ceiling is not None:
             for m in (m for m, fit in fits.items() if fit is not None):
-                row[f"median_noise_normalized_{m}"] = float(np.nanmedian(encoding.noise_normalized(r[m], ceiling[idx])))
+                row[f"median_challenge_score_{m}"] = float(np.nanmedian(encoding.challenge_score(r[m], ceiling[idx])))
         truth = study.test_truth(subject, hemi, roi)
         for other in ("untuned", "reg"):
             if fits["cl"] is not None and fits[other] is not None:
-                row[f"wilcoxon_p_cl_vs_{other}"] = paired_wilcoxon(r["cl"], r[other])["pvalue"]
-                boot = bootstrap_median_r_diff(truth, fits["cl"][0], fits[other][0], n_bootstrap, seed)
-                row[f"median_diff_cl_vs_{other}"] = boot["observed"]
-                row[f"ci95_median_diff_cl_vs_{other}"] = f"[{boot['ci_low']:.3f}, {boot['ci_high']:.3f}]"
+                # over test images, not voxels: a permutation p and a bootstrap CI of the ROI's mean and median
+                perm = significance.permutation_test_r_diff(truth, fits["cl"][0], fits[other][0], n_permutations, seed)
+                boot = significance.bootstrap_r_diff(truth, fits["cl"][0], fits[other][0], n_bootstrap, seed)
+                for stat in ("median", "mean"):
+                    row[f"perm_p_{stat}_cl_vs_{other}"] = perm[f"p_{stat}"]
+                    row[f"{stat}_diff_cl_vs_{other}"] = boot[f"{stat}_diff"]
+                    row[f"ci95_{stat}_diff_cl_vs_{other}"] = (f"[{boot[f'{stat}_ci_low']:.3f}, "
+                                                              f"{boot[f'{stat}_ci_high']:.3f}]")
         rows.append(row)
     return rows, voxel_r, missing
 

@@ -330,16 +330,16 @@ def check_png_files(image_paths) -> None:
                             "expected a complete PNG image")
 
 
-def validate_subject(paths: SubjectPaths, check_values: bool = True) -> dict:
-    """Check a subject's files agree (images = fMRI rows, masks = fMRI columns, finite values).
+def validate_subject(paths: SubjectPaths, check_values: bool = True, noise_ceiling_dir=None) -> dict:
+    """Check a subject's files agree (images = fMRI rows, masks and noise ceilings = fMRI columns, finite values).
 
-    Returns {'n_images': N, 'n_vertices': {hemi: V}, 'images': [Path, ...]}.
+    Returns {'n_images': N, 'n_vertices': {hemi: V}, 'images': [Path, ...], 'noise_ceiling': {hemi: V or None}}.
     """
     images = list_images(paths.train_images)
     if not images:
         raise DataError(f"{paths.train_images}: no PNG training images found")
     check_png_files(images)
-    n_vertices = {}
+    n_vertices, ceilings = {}, {}
     for hemi in HEMISPHERES:
         fmri = load_fmri(paths, hemi)
         if fmri.shape[0] != len(images):
@@ -349,20 +349,55 @@ def validate_subject(paths: SubjectPaths, check_values: bool = True) -> dict:
             check_finite(fmri, paths.fmri[hemi])
         load_roi_masks(paths, hemi, fmri.shape[1])
         n_vertices[hemi] = fmri.shape[1]
-        nc_file = paths.noise_ceiling.get(hemi)
-        if nc_file is not None:
-            nc = np.load(nc_file, allow_pickle=False)
-            if nc.shape != (fmri.shape[1],):
-                raise DataError(f"{nc_file}: noise ceiling of shape {nc.shape}, expected ({fmri.shape[1]},)")
+        ceilings[hemi] = load_noise_ceiling(paths, hemi, fmri.shape[1], noise_ceiling_dir)
     if paths.test_images is not None:
         check_png_files(list_images(paths.test_images))
-    return {"n_images": len(images), "n_vertices": n_vertices, "images": images}
+    return {"n_images": len(images), "n_vertices": n_vertices, "images": images, "noise_ceiling": ceilings}
 
 
-def load_noise_ceiling(paths: SubjectPaths, hemi: str) -> np.ndarray | None:
-    """Per-vertex noise ceiling (fraction of explainable variance, 0..1) where the data has one."""
-    nc_file = paths.noise_ceiling.get(hemi)
-    return None if nc_file is None else np.load(nc_file, allow_pickle=False).astype(np.float32)
+def noise_ceiling_file(paths: SubjectPaths, hemi: str, noise_ceiling_dir=None) -> Path | None:
+    """<noise_ceiling_dir>/subjXX/{hemi}_noise_ceiling.npy (required when a dir is given), else the data's own."""
+    if noise_ceiling_dir is None:
+        return paths.noise_ceiling.get(hemi)
+    path = Path(noise_ceiling_dir) / subject_dir_name(paths.subject) / f"{hemi}_noise_ceiling.npy"
+    if not path.is_file():
+        raise DataError(f"{path}: noise ceiling file not found (expected <noise_ceiling_dir>/subjXX/"
+                        "{lh,rh}_noise_ceiling.npy, one value per challenge-space vertex)")
+    return path
+
+
+def load_noise_ceiling(paths: SubjectPaths, hemi: str, n_vertices: int | None = None,
+                       noise_ceiling_dir=None) -> np.ndarray | None:
+    """Per-vertex noise ceiling as a float32 fraction (0..1) of explainable variance, validated; None if absent.
+
+    The challenge download has none: pass noise_ceiling_dir holding subjXX/{lh,rh}_noise_ceiling.npy, 1-D
+    arrays over the challenge-space vertices (the columns of the training fMRI). From NSD's per-vertex
+    ncsnr: NC = ncsnr^2 / (ncsnr^2 + 1/n), n the repeats averaged (3 for betas averaged over repeats, as
+    here); or use the organisers' test-split noise ceiling files. Without a dir, the data's own
+    <data_dir>/subjXX/noise_ceiling/{hemi}_noise_ceiling.npy (the demo's) is used where present.
+    Values in 0..100 with a maximum above 1 are taken as percentages and divided by 100 (with a note).
+    """
+    path = noise_ceiling_file(paths, hemi, noise_ceiling_dir)
+    if path is None:
+        return None
+    try:
+        nc = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as err:
+        raise DataError(f"{path}: not a readable .npy array ({err})") from None
+    if nc.ndim != 1 or (n_vertices is not None and nc.shape[0] != n_vertices) or nc.dtype.kind not in "fiu":
+        raise DataError(f"{path}: noise ceiling of shape {nc.shape} ({nc.dtype}), expected a 1-D numeric array "
+                        f"of {n_vertices if n_vertices is not None else 'V'} vertices (the {hemi} fMRI columns)")
+    nc = nc.astype(np.float64)
+    if not np.isfinite(nc).all():
+        bad = np.flatnonzero(~np.isfinite(nc))[0]
+        raise DataError(f"{path}: non-finite noise ceiling (NaN or inf) at vertex {bad}; expected finite values")
+    if nc.size and (nc.min() < 0 or nc.max() > 100):
+        raise DataError(f"{path}: noise ceiling values in [{nc.min():.3g}, {nc.max():.3g}]; expected a fraction "
+                        "in 0..1 or a percentage in 0..100")
+    if nc.size and nc.max() > 1:
+        print(f"note: {path}: noise ceiling up to {nc.max():.3g} taken as a percentage, divided by 100")
+        nc = nc / 100.0
+    return nc.astype(np.float32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -503,16 +538,17 @@ class Subject:
 
 def load_subject(data_dir, subject: int, out_dir=None, image_size: int | None = None, split_seed: int = 0,
                  hemispheres=HEMISPHERES, check_values: bool = True, fmri_in_ram: bool = False,
-                 build_first=None) -> Subject:
+                 build_first=None, noise_ceiling_dir=None) -> Subject:
     """Validate one subject, then load its split (from out_dir), image cache, fMRI, ROI indices, noise ceiling.
 
+    noise_ceiling_dir: where the per-vertex noise ceilings are (see load_noise_ceiling).
     build_first: an optional context manager under which the split and image cache are made
     (torchrun: rank 0 first, so ranks never build the same cache at once).
     """
     import contextlib
     hemispheres = [check_hemisphere(h) for h in hemispheres]
     paths = find_subject(data_dir, subject)
-    info = validate_subject(paths, check_values)
+    info = validate_subject(paths, check_values, noise_ceiling_dir)
     split = images = None
     with build_first() if build_first is not None else contextlib.nullcontext():
         if out_dir is not None:
@@ -523,5 +559,5 @@ def load_subject(data_dir, subject: int, out_dir=None, image_size: int | None = 
     for hemi in hemispheres:
         fmri[hemi] = np.array(load_fmri(paths, hemi)) if fmri_in_ram else load_fmri(paths, hemi)
         rois[hemi] = roi_voxel_indices(paths, hemi, info["n_vertices"][hemi])
-        ceiling[hemi] = load_noise_ceiling(paths, hemi)
+        ceiling[hemi] = info["noise_ceiling"][hemi]
     return Subject(subject, paths, info["images"], info["n_vertices"], split, images, fmri, rois, ceiling)

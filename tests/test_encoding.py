@@ -169,16 +169,25 @@ def test_constant_columns_give_nan_and_are_counted():
 # ---- noise ceiling ----
 
 
-def test_noise_normalized():
-    r = np.array([0.5, -0.5, 0.3, 0.2, 0.1])
-    nc = np.array([0.5, 0.25, 0.0, np.nan, 0.01])
-    out = encoding.noise_normalized(r, nc)
-    np.testing.assert_allclose(out[[0, 1, 4]], [0.5, 1.0, 1.0])
-    assert np.isnan(out[[2, 3]]).all()
+def test_challenge_score_matches_a_plain_loop():
+    """Algonauts 2023: negative r -> 0, then 100 r^2 / NC capped at 100; NC <= 0 or non-finite -> NaN."""
+    rng = np.random.default_rng(0)
+    r = np.concatenate([[0.5, -0.5, 0.3, 0.2, 0.9, np.nan, 0.0], rng.uniform(-1, 1, 200)])
+    nc = np.concatenate([[0.5, 0.25, 0.0, np.nan, 0.25, 0.5, -0.1], rng.uniform(-0.05, 1, 200)])
+    expected = np.empty_like(r)
+    for i in range(r.size):
+        if not np.isfinite(nc[i]) or nc[i] <= 0 or not np.isfinite(r[i]):
+            expected[i] = np.nan
+        else:
+            expected[i] = min(100.0, 100.0 * max(r[i], 0.0) ** 2 / nc[i])
+    out = encoding.challenge_score(r, nc)
+    np.testing.assert_allclose(out, expected, rtol=1e-12, equal_nan=True)  # same float64 operations
+    np.testing.assert_allclose(out[:5], [50.0, 0.0, np.nan, np.nan, 100.0], equal_nan=True)  # by hand
+    assert np.nanmax(out) <= 100 and np.nanmin(out) >= 0
     with pytest.raises(ValueError, match="fraction"):
-        encoding.noise_normalized(r, nc * 100)
+        encoding.challenge_score(r, nc * 100)
     with pytest.raises(ValueError, match="shape"):
-        encoding.noise_normalized(r, nc[:3])
+        encoding.challenge_score(r, nc[:3])
 
 
 # ---- ROI summaries ----

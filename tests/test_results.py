@@ -137,7 +137,7 @@ def test_single_subject_tables(pipeline):
     assert np.isfinite(float(rows["V1v"]["median_r_untuned"]))
     assert rows["V1v"]["median_r_cl"] == "nan"  # no model trained for V1v: an empty cell, the rest computed
     assert 0 <= float(rows["FFA-1"]["pct_improved_cl_vs_untuned"]) <= 100
-    assert 0 <= float(rows["FFA-1"]["wilcoxon_p_cl_vs_untuned"]) <= 1
+    assert 0 < float(rows["FFA-1"]["perm_p_median_cl_vs_untuned"]) <= 1
     voxel_r = np.load(pipeline["results"] / "subj01" / "single_subj_lh_voxel_r.npz")
     assert voxel_r["FFA-1"].shape == (3, 30) and np.isfinite(voxel_r["FFA-1"]).all()
     # The table's numbers are the medians of the saved per-voxel r.
