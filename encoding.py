@@ -24,13 +24,13 @@ import numpy as np
 # Fixed alphas of the paper's seed-compatible mode.
 PAPER_ALPHA_UNTUNED = 1e3   # untuned (ImageNet) features reduced to PCA(1000)
 PAPER_ALPHA_TUNED = 1e4     # fine-tuned model, classifier.6 features
-# Default per-voxel alpha grid. alpha competes with the eigenvalues of the centred train Gram matrix
-# X^T X (n_train x the feature variance along each principal axis): ~7.5e3 on average for standardised
-# features and ~7,500 train images; unnormalised activations and their PCA scores are larger and spread
-# over many decades. One alpha per decade from 1 (nearly OLS for such features) to 1e8 (nearly all
-# shrunk to the intercept: right for voxels without signal) brackets the paper's fixed 1e3 and 1e4 by
-# 3-4 decades either side; RidgeFit.alpha_summary() says how many voxels sit at an edge (then widen it).
-DEFAULT_ALPHAS = np.logspace(0, 8, 9)
+# The one alpha grid of the project (scripts' `alphas = []` mean this). alpha competes with the eigenvalues
+# of the centred train Gram matrix X^T X (n_train x the feature variance along each principal axis): ~7.4e3
+# on average for unit-scaled features (encoding.unit_scale) and ~7,400 train images. One alpha per decade
+# from 1e1 (nearly OLS for such features) to 1e7 (nearly all shrunk to the intercept: right for voxels
+# without signal) brackets the paper's fixed 1e3 and 1e4 by 2-3 decades either side;
+# RidgeFit.alpha_summary() says how many voxels sit at an edge (then widen it).
+ALPHAS = tuple(10.0 ** k for k in range(1, 8))
 
 
 def _is_torch(x) -> bool:
@@ -179,6 +179,23 @@ def fit_pca(X_train, n_components: int = 1000, seed: int = 0, device=None):
     return PCA(n_components=n_components, svd_solver="randomized", random_state=seed).fit(X_train)
 
 
+def pca_arrays(pca) -> dict:
+    """A fitted PCA's parameters as plain arrays (to save with numpy, never pickled)."""
+    return {"mean": np.asarray(pca.mean_, dtype=np.float32), "components": np.asarray(pca.components_, np.float32),
+            "explained_variance": np.asarray(pca.explained_variance_, dtype=np.float32)}
+
+
+def pca_from_arrays(arrays):
+    """scikit-learn's PCA restored from pca_arrays(): its own transform, (X - mean) @ components.T."""
+    from sklearn.decomposition import PCA
+    components = np.asarray(arrays["components"])
+    pca = PCA(n_components=components.shape[0])
+    pca.mean_, pca.components_ = np.asarray(arrays["mean"]), components
+    pca.explained_variance_ = np.asarray(arrays["explained_variance"])
+    pca.n_components_, pca.n_features_in_ = components.shape
+    return pca
+
+
 class TorchPCA:
     """Randomized PCA in torch (Halko et al.: range finder with power iterations, as sklearn's), for the GPU.
 
@@ -301,7 +318,7 @@ def _eigen_basis(Xc):
     return (Xc.T @ U) / s2.sqrt(), s2
 
 
-def fit_ridge(X_train, Y_train, X_val=None, Y_val=None, alphas=DEFAULT_ALPHAS, *, voxel_alphas=None,
+def fit_ridge(X_train, Y_train, X_val=None, Y_val=None, alphas=ALPHAS, *, voxel_alphas=None,
               score: str = "r", device=None, dtype: str = "float32", voxel_chunk: int = 4096,
               progress: bool = False) -> RidgeFit:
     """Ridge regression with an intercept (by centring, like sklearn fit_intercept=True).

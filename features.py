@@ -199,9 +199,10 @@ def layer_features(out_dir, subject: int, spec: str, layers, image_sets: dict, i
                    pca_components: int = 1000, seed: int = 0, device=None, batch_size: int = 128) -> dict:
     """{layer: {set name: n x d float32}} of image sets (name -> (uint8 N x 3 x S x S images, row indices)).
 
-    Layers wider than pca_components are reduced by a PCA fitted on the 'train' set only (which must be given).
-    Every missing layer of every set comes from ONE forward pass of the backbone; raw activations are streamed
-    to temporary files on disk, so memory holds one layer's train activations at a time (for its PCA).
+    Layers wider than pca_components are reduced by a PCA fitted on the 'train' set only (which must be given;
+    the fitted PCA is saved, so a set asked for later is projected by the same PCA). Everything missing comes
+    from ONE forward pass over the images of the sets that need it; raw activations are streamed to temporary
+    files on disk, so memory holds one layer's train activations at a time (for its PCA).
     Cached under out_dir/features/subjXX/<backbone tag>/, keyed by layer, image size, PCA size and row indices.
     """
     layers = list(layers)
@@ -214,50 +215,61 @@ def layer_features(out_dir, subject: int, spec: str, layers, image_sets: dict, i
         images, rows = image_sets[name]
         return cache_dir / f"{layer}_{train_key}_{name}{len(images)}-{_indices_hash(rows)}.npy"
 
-    out = {layer: {} for layer in layers}
-    missing = [layer for layer in layers if not all(file_of(layer, name).is_file() for name in image_sets)]
-    if missing:
-        _extract_and_reduce(spec, missing, image_sets, cache_dir, file_of, pca_components, seed, device,
-                            batch_size, f"{utils.subject_dir_name(subject)} {Path(spec).parent.name or spec}")
+    def pca_file(layer):
+        return cache_dir / f"{layer}_{train_key}_pca.npz"
+
+    todo = {}  # layer -> the sets to extract (every set when the layer's train features or PCA must be made)
     for layer in layers:
-        for name in image_sets:
-            out[layer][name] = np.load(file_of(layer, name))
-    return out
+        missing = [name for name in image_sets if not file_of(layer, name).is_file()]
+        if missing:
+            # cached train features come with their saved PCA (saved first) when the layer is wide
+            todo[layer] = missing if file_of(layer, "train").is_file() else list(image_sets)
+    if todo:
+        _extract_and_reduce(spec, todo, image_sets, cache_dir, file_of, pca_file, pca_components, seed, device,
+                            batch_size, f"{utils.subject_dir_name(subject)} {Path(spec).parent.name or spec}")
+    return {layer: {name: np.load(file_of(layer, name)) for name in image_sets} for layer in layers}
 
 
-def _extract_and_reduce(spec, layers, image_sets, cache_dir, file_of, pca_components, seed, device, batch_size,
-                        desc):
-    """One pass over every set's images for all layers (raw activations to temp .npy), then PCA per layer."""
+def _extract_and_reduce(spec, todo: dict, image_sets, cache_dir, file_of, pca_file, pca_components, seed, device,
+                        batch_size, desc):
+    """One pass over the images of the sets in todo (layer -> set names) for their layers (raw activations to
+    temporary .npy files), then each wide layer's PCA (fitted on train, or the saved one) applied."""
     backbone = load_backbone(spec, device)
     cache_dir.mkdir(parents=True, exist_ok=True)
     raw = {}
     try:
         for name, (images, rows) in image_sets.items():
+            layers = [layer for layer, names in todo.items() if name in names]
+            if not layers:
+                continue
             dims = feature_dims(backbone, layers, images.shape[-1])
             raw[name] = {layer: np.lib.format.open_memmap(
                 cache_dir / f".{layer}_{name}_raw.tmp.npy", mode="w+", dtype=np.float32,
                 shape=(len(rows), dims[layer])) for layer in layers}
             extract_features(backbone, images, rows, layers, batch_size=batch_size, device=device,
                              desc=f"{desc} {name} features", out=raw[name])
-        for layer in layers:
+        for layer, names in todo.items():
+            width = raw[names[0]][layer].shape[1]
             pca = None
-            if raw["train"][layer].shape[1] > pca_components:
-                pca = encoding.fit_pca(np.asarray(raw["train"][layer]), pca_components, seed, device)
-            for name in image_sets:
+            if width > pca_components:
+                if "train" in names:
+                    pca = encoding.fit_pca(np.asarray(raw["train"][layer]), pca_components, seed, device)
+                    outputs.save_npz(pca_file(layer), encoding.pca_arrays(pca), {"pca_components": pca_components,
+                                                                                 "seed": seed}, backbone=spec)
+                else:
+                    pca = encoding.pca_from_arrays(np.load(pca_file(layer)))
+            for name in names:
                 feats = raw[name][layer]
                 if pca is not None:  # the fitted PCA's own transform, in row chunks
                     feats = np.concatenate([pca.transform(feats[i:i + 4096]) for i in range(0, len(feats), 4096)]
                                            or [np.empty((0, pca.n_components_), dtype=np.float32)])
                 outputs.save_npy(file_of(layer, name), np.ascontiguousarray(feats, dtype=np.float32))
-            for name in image_sets:  # free the disk as soon as a layer is done
-                path = Path(raw[name][layer].filename)
-                del raw[name][layer]
+                path = Path(raw[name].pop(layer).filename)  # free the disk as soon as a layer is done
                 path.unlink(missing_ok=True)
     finally:
         for name in raw:
             for layer in list(raw[name]):
-                path = Path(raw[name].pop(layer).filename)
-                path.unlink(missing_ok=True)
+                Path(raw[name].pop(layer).filename).unlink(missing_ok=True)
 
 
 def subject_image_sets(subject_data: utils.Subject, splits=utils.SPLIT_NAMES, challenge_images=None) -> dict:
@@ -272,5 +284,5 @@ def drop_cached_layers(out_dir, subject: int, spec: str, keep) -> None:
     """Delete a backbone's cached features except the kept layers (a tuned search needs only its chosen one)."""
     cache_dir = Path(out_dir) / "features" / utils.subject_dir_name(subject) / backbone_spec_tag(spec)
     for path in cache_dir.glob("*.npy*") if cache_dir.is_dir() else ():
-        if path.name.split("_", 1)[0] not in keep:
+        if path.name.split("_", 1)[0] not in keep and not path.name.endswith((".tmp.npy",)):
             path.unlink(missing_ok=True)

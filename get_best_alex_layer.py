@@ -17,7 +17,8 @@ layers = ["features.2", "features.5", "features.7", "features.9", "features.12",
 weights = "IMAGENET1K_V1"                   # untuned AlexNet: IMAGENET1K_V1, none (random) or a .pth path
 image_size = 224                            # pixels fed to AlexNet
 pca_components = 1000                       # PCA size for wider layers (fitted on train only)
-alphas = [1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7]  # ridge alpha grid (one chosen per voxel)
+alphas = []                                 # ridge alpha grid (one chosen per voxel); [] = encoding.ALPHAS
+layer_statistic = "median"                  # median | mean (2023 original) val r over an ROI's voxels
 alpha_holdout = 0.1                         # fraction of train used to choose each voxel's alpha
 split_seed = 0                              # seed of the train/val/test split (used once, then read back)
 seed = 0                                    # PCA seed
@@ -28,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+import encoding
 import features
 import options
 import outputs
@@ -52,19 +54,20 @@ for subject, d in subject_data.items():
     subject_out = Path(out_dir) / "best_layer" / utils.subject_dir_name(subject)
     for hemi in hemispheres:
         roi_indices = d.roi_voxel_indices[hemi]
-        scores = study.layer_roi_scores(layer_features, d.fmri[hemi], split, roi_indices, alphas, alpha_holdout,
-                                        seed, torch_device)
+        scores = study.layer_roi_scores(layer_features, d.fmri[hemi], split, roi_indices, alphas or encoding.ALPHAS,
+                                        alpha_holdout, seed, torch_device, statistic=layer_statistic)
         best = study.best_layer_per_roi(scores, layers, roi_indices)
         outputs.save_json(subject_out / f"{hemi}_best_layer.json", best, config, subject=subject, hemisphere=hemi)
         outputs.save_npy(subject_out / f"{hemi}_layer_roi_scores.npy", scores, config, subject=subject,
-                         hemisphere=hemi, rows=layers, columns=list(roi_indices), metric="median val Pearson r")
+                         hemisphere=hemi, rows=layers, columns=list(roi_indices),
+                         metric=f"{layer_statistic} val Pearson r")
         fig = plots.plot_layer_roi_heatmap(scores, layers, list(roi_indices),
                                            f"{utils.subject_dir_name(subject)} {hemi}: untuned AlexNet")
         outputs.save_figure(subject_out / f"{hemi}_layer_roi_scores.png", fig, config)
         summary += [{"subject": subject, "hemisphere": hemi, "roi": roi, "best_layer": layer,
-                     "median_val_r": float(np.nanmax(scores[:, list(roi_indices).index(roi)]))}
+                     f"{layer_statistic}_val_r": float(np.nanmax(scores[:, list(roi_indices).index(roi)]))}
                     for roi, layer in best.items()]
 
 outputs.save_csv(Path(out_dir) / "best_layer" / "best_layers.csv", summary, config)
-print(outputs.format_table(summary, ["subject", "hemisphere", "roi", "best_layer", "median_val_r"]))
+print(outputs.format_table(summary, ["subject", "hemisphere", "roi", "best_layer", f"{layer_statistic}_val_r"]))
 print(f"best layers written to {Path(out_dir) / 'best_layer'}")

@@ -237,7 +237,7 @@ def test_tuned_layer_search_finds_a_conv_layer_gain(tmp_path):
     best, logits = rows["best"], rows["classifier.6"]
     assert best["layer_cl"] == "features.5" and logits["layer_cl"] == "classifier.6"
     search = json.loads((out / "best_layer" / "subj01" / "lh_best_layer_cl.json").read_text())["FFA-1"]
-    assert search["layer"] == "features.5" and len(search["median_val_r"]) == 4
+    assert search["layer"] == "features.5" and len(search["val_r"]) == 4
     # the planted readout is recovered from the tuned conv layer, not from the logits or the untuned net
     assert float(best["median_r_cl"]) > float(logits["median_r_cl"]) + 0.1
     assert float(best["median_r_cl"]) > float(best["median_r_untuned"]) + 0.03
