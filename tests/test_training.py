@@ -9,6 +9,7 @@ import copy
 import csv
 import math
 import pickle
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -362,3 +363,115 @@ def test_training_script_under_torchrun_matches_single_process(tiny):
     b = models.load_checkpoint(single_dir / "last.pt")["model"]
     worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
     assert worst <= 2 * settings.lr + 1e-6
+
+
+# ---- pooled models ----
+
+
+@pytest.mark.parametrize("method", ["cl", "reg"])
+def test_pooled_model_on_one_subject_equals_the_per_subject_model(method):
+    """Same weights copied: the per-subject model's loss and update = the pooled model's on that subject's batches,
+    and a batch of one subject leaves the other subjects' projections alone."""
+    torch.manual_seed(0)
+    single = models.build_model(method, 30, "none", 0.0, "tiny").train()
+    pooled = models.model_from_spec({**single.spec, "n_voxels": [30, 20]}, "none", 0.0).train()
+    assert type(pooled) is type(single)
+    state = pooled.state_dict()
+    state.update(copy.deepcopy(single.state_dict()))  # shared parts and subject 1's projection / read-out
+    pooled.load_state_dict(state)
+    other = {k: v.clone() for k, v in pooled.state_dict().items() if k.startswith(("fmri_proj.1.", "readout.1."))}
+    assert other
+    x, y = torch.randn(12, 3, SIZE, SIZE), torch.randn(12, 30)
+    optimizers = [torch.optim.Adam(m.parameters(), lr=1e-3) for m in (single, pooled)]
+    losses = []
+    for model, optimizer in zip((single, pooled), optimizers):
+        loss, value = models.batch_loss(method, model, x, y, 0.3, False, 0)
+        loss.backward()
+        optimizer.step()
+        losses.append(value.item())
+    assert losses[0] == losses[1]
+    after = pooled.state_dict()
+    for key, value in single.state_dict().items():
+        assert torch.equal(value, after[key]), key
+    assert all(torch.equal(v, after[k]) for k, v in other.items())
+
+
+def test_pooled_batches_interleave_deterministically_and_cover_every_train_image_once(tiny, monkeypatch):
+    seen = []
+    read_batches = training_data.read_batches
+
+    def recording(loader):
+        for batch in read_batches(loader):
+            if loader.batch_sampler.shuffle:  # training batches
+                seen.append((loader.batch_sampler.epoch, batch["source"], batch["rows"].numpy().copy()))
+            yield batch
+    monkeypatch.setattr(training_data, "read_batches", recording)
+    sources = sources_of(tiny, "PPA", (1, 2, 3))
+    for order in ("sequential", "interleaved"):
+        seen.clear()
+        settings = replace(FAST, epochs=2, h_method="average", subject_order=order)
+        training.train_roi_model("cl", sources, tiny["root"] / "runs" / f"order_{order}", settings, {},
+                                 tiny["runtime"])
+        for epoch in (1, 2):
+            batches = [(s, rows) for e, s, rows in seen if e == epoch]
+            for k, source in enumerate(sources):  # every train image of every subject exactly once per epoch
+                mine = np.concatenate([rows for s, rows in batches if s == k])
+                assert np.array_equal(np.sort(mine), np.sort(source.split["train"]))
+            labels = [s for s, _ in batches]
+            assert (labels == sorted(labels)) == (order == "sequential"), (order, labels)
+        if order == "interleaved":
+            sampler = training_data.GlobalBatchSampler(training_data.ImageRows([s.images for s in sources]),
+                                                       [s.split["train"] for s in sources], settings.batch_size,
+                                                       settings.seed)
+            sampler.set_epoch(1)
+            assert [(s, rows.tolist()) for e, s, rows in seen if e == 1] == \
+                [(s, rows.tolist()) for s, rows in sampler.global_batches()]  # a function of (seed, epoch)
+
+
+def test_pooled_resume_equals_uninterrupted_run_and_logs_each_subject(tiny):
+    settings = replace(FAST, epochs=2, dropout=0.5, hflip=True, h_method="average")
+    whole, parts = tiny["root"] / "runs" / "pooled_whole", tiny["root"] / "runs" / "pooled_parts"
+    summary = train(tiny, "cl", "FFA-1", whole, settings, (1, 2))
+    assert summary["subjects"] == "1 2" and summary["voxels"] == 60
+    train(tiny, "cl", "FFA-1", parts, replace(settings, stop_after_epoch=1), (1, 2))
+    assert train(tiny, "cl", "FFA-1", parts, replace(settings, resume=True), (1, 2))["status"] == "resumed"
+    a, b = models.load_checkpoint(whole / "last.pt"), models.load_checkpoint(parts / "last.pt")
+    assert all(torch.equal(v, b["model"][k]) for k, v in a["model"].items())
+    assert a["subjects"] == [1, 2] and a["model_spec"]["n_voxels"] == [30, 30] and a["model_spec"]["hidden"] == 30
+    log = read_log(whole)
+    timings = ("train_images_per_s", "data_s", "train_s", "val_s", "epoch_s")
+    assert [{k: v for k, v in r.items() if k not in timings} for r in log] == \
+        [{k: v for k, v in r.items() if k not in timings} for r in read_log(parts)]
+    for row in log:  # per subject, and their mean drives model selection
+        assert row["val_loss"] == pytest.approx((row["val_loss_subj01"] + row["val_loss_subj02"]) / 2)
+        assert row["val_top1"] == pytest.approx((row["val_top1_subj01"] + row["val_top1_subj02"]) / 2)
+    with pytest.raises(utils.DataError, match="subjects"):
+        train(tiny, "cl", "FFA-1", parts, replace(settings, resume=True, epochs=3), (1, 3))
+
+
+def test_leave_one_subject_out_never_reads_the_left_out_subject(tiny):
+    """Subject 3's fMRI is replaced by garbage: the LOSO sweep without it trains, and its weights equal those
+    of the single-ROI script on subjects 1 and 2 of the clean data."""
+    poisoned = tiny["root"] / "poisoned_data"
+    shutil.copytree(tiny["data_dir"], poisoned)
+    for path in (poisoned / "subj03" / "training_split" / "training_fmri").iterdir():
+        path.write_bytes(b"not an array")
+    args = [*COMMON_ARGS, "--epochs=2", "--dropout=0", "--h_method=average"]
+    run_script("pooled_cl_model_training_all_rois.py", f"--data_dir={poisoned}", f"--out_dir={tiny['root'] / 'loso'}",
+               "--exclude_subject=3", "--hemispheres=lh", "--rois=FFA-1,mTL-faces", *args)
+    run_script("pooled_cl_model_training.py", f"--data_dir={tiny['data_dir']}", f"--out_dir={tiny['root'] / 'pair'}",
+               "--subjects=1,2", "--roi=FFA-1", *args)
+    loso = models.load_checkpoint(models.pooled_checkpoint_path(tiny["root"] / "loso", "cl", "lh", "FFA-1", 3, "last",
+                                                                h_method="average"))
+    pair = models.load_checkpoint(models.pooled_checkpoint_path(tiny["root"] / "pair", "cl", "lh", "FFA-1", None,
+                                                                "last", h_method="average"))
+    assert loso["subjects"] == pair["subjects"] == [1, 2]
+    assert all(torch.equal(v, pair["model"][k]) for k, v in loso["model"].items())
+    with open(training.pooled_sweep_summary_path(tiny["root"] / "loso", "cl", "average", 3)) as fh:
+        rows = {row["roi"]: row for row in csv.DictReader(fh)}
+    assert rows["FFA-1"]["subjects"] == "1 2" and rows["FFA-1"]["status"] == "trained"
+    assert rows["mTL-faces"]["status"].startswith("skipped: no subject")
+    # and with the poisoned subject included, the data check names its file
+    proc = subprocess.run([sys.executable, str(REPO / "pooled_cl_model_training.py"), f"--data_dir={poisoned}",
+                           f"--out_dir={tiny['root'] / 'loso'}", "--roi=FFA-1", *args], capture_output=True, text=True)
+    assert proc.returncode == 1 and "subj03" in proc.stderr and "lh_training_fmri.npy" in proc.stderr
