@@ -76,7 +76,8 @@ if runtime.is_main:
                              else "") + f"; {runtime.world_size} x {runtime.device}")
 
 # the loop over epochs: training.train_roi_model (restore or init, one epoch, evaluate, save)
-summary = training.train_roi_model("cl", sources, run_dir, settings, config, runtime)
+summary = training.train_roi_model("cl", sources, run_dir, settings, config, runtime,
+                                   desc=f"pooled cl {hemisphere} {roi}")
 
 # report
 if runtime.is_main:

@@ -365,9 +365,10 @@ def train_roi_model(method: str, sources, run_dir, settings: TrainSettings, scri
         return state.finished_summary
     train_model = state.model
     if world > 1:
-        # buffers (BatchNorm running stats) stay equal on every rank: DistBatchNorm1d uses global statistics;
-        # pooled: each step uses one subject's projection, the same on every rank
-        train_model = DistributedDataParallel(state.model, broadcast_buffers=False,
+        # buffers (BatchNorm running stats) stay equal on every rank without syncing them each step:
+        # DistBatchNorm1d uses global statistics; pooled: each step uses one subject's projection, the same
+        # subject on every rank
+        train_model = DistributedDataParallel(state.model, forward_sync_buffers=False,
                                               device_ids=[device.index] if device.type == "cuda" else None,
                                               find_unused_parameters=len(sources) > 1)
 
