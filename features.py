@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.utils.data
 from torch import nn
 
 import encoding
@@ -65,15 +66,23 @@ def prefetched(fetch, items):
 
 
 def read_rows(images: np.ndarray, rows: np.ndarray, pin: bool = False) -> torch.Tensor:
-    """images[rows] (sorted rows read from the uint8 memmap) as a CPU uint8 tensor, pinned for CUDA copies."""
+    """images[rows] (sorted rows read from the uint8 memmap) as a CPU uint8 tensor, pinned for CUDA copies.
+
+    Inside a DataLoader worker it is written straight into shared memory (handed over without another copy).
+    """
     rows = np.asarray(rows, dtype=np.int64)
     if rows.size and (rows.min() < 0 or rows.max() >= len(images)):
         raise IndexError(f"image rows {rows.min()}..{rows.max()} out of range for {len(images)} images")
-    if pin:
-        buf = torch.empty((len(rows),) + tuple(images.shape[1:]), dtype=torch.uint8, pin_memory=True)
-        np.take(images, rows, axis=0, out=buf.numpy())
-        return buf
-    return torch.from_numpy(np.ascontiguousarray(images[rows]))
+    shape = (len(rows),) + tuple(images.shape[1:])
+    if torch.utils.data.get_worker_info() is not None:
+        storage = torch.UntypedStorage._new_shared(int(np.prod(shape)))  # as default_collate does in workers
+        buf = torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
+    elif pin:
+        buf = torch.empty(shape, dtype=torch.uint8, pin_memory=True)
+    else:
+        return torch.from_numpy(np.ascontiguousarray(images[rows]))
+    np.take(images, rows, axis=0, out=buf.numpy())
+    return buf
 
 
 _CPU_BF16: list = []
