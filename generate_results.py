@@ -20,6 +20,7 @@ hemispheres = ["lh", "rh"]                  # hemispheres to evaluate
 rois = []                                   # single-subj ROIs; [] = all 31 (empty ones reported)
 feature_sets = ["untuned", "reg", "cl", "pooled-reg", "pooled-cl"]  # sets compared (missing models: empty cells)
 comparisons = ["cl:untuned", "cl:reg", "pooled-cl:untuned", "pooled-cl:cl", "pooled-reg:reg"]  # set:baseline
+pooled_h_method = "constant"                # which pooled CL models: constant (h = 5741) | average
 cross_subj_rois = ["V1v", "FFA-1", "PPA", "EBA", "VWFA-1"]  # ROIs for the cross-subject matrices
 methods = ["cl", "reg"]                     # per-subject tuned sets in the cross-subject matrices and probes
 checkpoint = "best"                         # best (val-selected) or last (final epoch) checkpoint of each model
@@ -83,7 +84,7 @@ torch_device = options.resolve_device(device)
 study = encoding_study.EncodingStudy(data_dir, out_dir, hemispheres, weights, image_size, split_seed, pca_components,
                                      seed, batch_size, alpha_mode, alphas or encoding.ALPHAS, tuned_layer,
                                      checkpoint, torch_device, layers, alpha_holdout, keep_search_features,
-                                     noise_ceiling_dir or None, layer_statistic)
+                                     noise_ceiling_dir or None, layer_statistic, pooled_h_method)
 if {"single-subj", "cross-subj"} & set(result_types):
     for subject in subject_list:  # validate every subject (and the best-layer files) before writing anything
         study.subject(subject)
@@ -109,10 +110,7 @@ if "single-subj" in result_types:
                              metric="test Pearson r per voxel", **study.provenance())
             title = f"{utils.subject_dir_name(subject)} {hemi}"
             outputs.save_text(base.with_suffix(".md"), f"## {title}: test-split encoding accuracy per ROI\n\n"
-                              "p-values: permutation over test images (FDR: Benjamini-Hochberg across ROIs); "
-                              "CIs: bootstrap over test images.\n\n"
-                              + outputs.markdown_table(rows, results_utils.summary_columns(rows, feature_sets, pairs)),
-                              config)
+                              + results_utils.markdown_report(rows, feature_sets, pairs), config)
             nonempty = [r for r in rows if r["n_voxels"]]
             outputs.save_figure(base.with_name(base.name + "_bars.png"), plots.plot_roi_bars(
                 nonempty, feature_sets, f"{title}: encoding accuracy per ROI (bars: median, dots: mean)"), config)
@@ -131,6 +129,8 @@ if "single-subj" in result_types:
                     outputs.save_npy(base.with_name(f"{base.name}_layer_scores_{feature_set}.npy"), scores, config,
                                      rows=study.layers, columns=roi_list, metric="median val Pearson r")
             all_rows += rows
+    if any(k.startswith("top1_of_") for r in all_rows for k in r):
+        outputs.save_figure(results / "retrieval.png", plots.plot_retrieval(all_rows, feature_sets), config)
     summary = results_utils.group_table(all_rows, feature_sets, pairs)
     across = results_utils.across_subject_table(all_rows, feature_sets, pairs, min_subjects)
     outputs.save_csv(results / "single_subj_summary.csv", summary, config, **study.provenance())

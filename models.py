@@ -425,6 +425,16 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     return ckpt
 
 
+def checkpoint_source_index(ckpt: dict, subject: int) -> int:
+    """Which of a checkpoint's fMRI projections (read-outs) is `subject`'s (0 for a per-subject model)."""
+    subjects = list(ckpt.get("subjects") or [])
+    if subject in subjects:
+        return subjects.index(subject)
+    if len(subjects) <= 1:
+        return 0
+    raise utils.DataError(f"subject {subject} is not one of this pooled model's subjects {subjects}")
+
+
 def load_roi_model(path, device="cpu") -> nn.Module:
     """The whole tuned CL or reg model of a checkpoint, per-subject or pooled (eval mode)."""
     ckpt = load_checkpoint(path)

@@ -167,3 +167,34 @@ def plot_candidate_shares(rows: list[dict], kinds):
     ax.set_title("Which feature set each vertex's submitted prediction uses (chosen by val r)")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return fig
+
+
+def plot_retrieval(rows: list[dict], feature_sets):
+    """fMRI -> image top-1 retrieval of the contrastive sets per subject, hemisphere and ROI, with bootstrap 95% CI,
+    chance and the shuffled-fMRI control."""
+    plt = _plt()
+    entries = []
+    for r in rows:
+        for s in feature_sets:
+            key = next((k for k in r if k.startswith("top1_of_") and k.endswith(f"_{s}")
+                        and not k.startswith("top1_of_all")), None)
+            if key is not None:
+                entries.append((f"{utils.subject_dir_name(r['subject'])} {r['hemisphere']} {r['roi']}", s, r[key],
+                                r[f"{key}_ci_low"], r[f"{key}_ci_high"], r.get(f"control_{key}"),
+                                r.get("chance_" + key[:-len(s) - 1]), key.split("_")[2]))
+    fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(entries) + 3), 4))
+    for k, (label, s, value, low, high, control, chance, pool) in enumerate(entries):
+        ax.bar(k, 100 * value, color=METHOD_COLOURS.get(s), label=METHOD_LABELS.get(s, s))
+        ax.errorbar(k, 100 * value, yerr=[[100 * (value - low)], [100 * (high - value)]], color="black", capsize=3)
+        if control is not None:
+            ax.plot(k, 100 * control, "kx", label="shuffled-fMRI control")
+        if chance is not None:
+            ax.plot([k - 0.4, k + 0.4], [100 * chance] * 2, color="grey", ls=":", label=f"chance (1 of {pool})")
+    handles, labels = ax.get_legend_handles_labels()
+    unique = dict(zip(labels, handles))
+    ax.set_xticks(range(len(entries)), [e[0] for e in entries], rotation=60, ha="right", fontsize=8)
+    ax.set_xlabel("subject, hemisphere, ROI")
+    ax.set_ylabel("top-1 fMRI -> image retrieval (%)")
+    ax.set_title("Retrieval among test images (candidates: 300, or all when fewer)")
+    ax.legend(unique.values(), unique.keys(), fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return fig

@@ -24,6 +24,7 @@ layers = ["features.2", "features.5", "features.7", "features.9", "features.12",
 weights = "IMAGENET1K_V1"                   # untuned AlexNet weights (as in get_best_alex_layer.py)
 checkpoint = "best"                         # best or last checkpoint of each tuned model
 tuned_layer = "best"                        # as generate_results.py: best | untuned | a layer name
+pooled_h_method = "constant"                # which pooled CL models (as generate_results.py)
 layer_statistic = "median"                  # as generate_results.py (for tuned layers searched here)
 image_size = 224                            # pixels fed to AlexNet (as in every stage)
 pca_components = 1000                       # PCA size for wide layers (fitted on train only)
@@ -64,7 +65,7 @@ subject_list = utils.resolve_subjects(data_dir, subjects)
 study = encoding_study.EncodingStudy(data_dir, out_dir, hemispheres, weights, image_size, split_seed, pca_components,
                                      seed, batch_size, "per-voxel", alpha_grid, tuned_layer, checkpoint, torch_device,
                                      layers, alpha_holdout, noise_ceiling_dir=noise_ceiling_dir or None,
-                                     layer_statistic=layer_statistic)
+                                     layer_statistic=layer_statistic, pooled_h_method=pooled_h_method)
 # validate every subject (and that it has test images) before writing anything
 challenge = {}
 for subject in subject_list:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 import encoding
+import outputs
 import significance
 import utils
 from study import EncodingStudy
@@ -87,7 +88,8 @@ def single_subject_rows(study: EncodingStudy, subject: int, hemi: str, rois, fea
             ret = study.retrieval(s, subject, hemi, roi, retrieval_candidates, n_bootstrap, seed)
             n = ret["n_candidates"]
             row[f"top1_of_{n}_{s}"], row[f"top5_of_{n}_{s}"] = ret["top1_subset"], ret["top5_subset"]
-            row[f"ci95_top1_of_{n}_{s}"] = f"[{ret['top1_subset_ci_low']:.3f}, {ret['top1_subset_ci_high']:.3f}]"
+            row[f"top1_of_{n}_{s}_ci_low"] = ret["top1_subset_ci_low"]
+            row[f"top1_of_{n}_{s}_ci_high"] = ret["top1_subset_ci_high"]
             row[f"top1_of_all_{s}"] = ret["top1_all"]
             row[f"control_top1_of_{n}_{s}"] = ret["control_top1_subset"]
             row[f"chance_top1_of_{n}"] = ret["chance_top1_subset"]
@@ -96,18 +98,28 @@ def single_subject_rows(study: EncodingStudy, subject: int, hemi: str, rois, fea
     return significance.add_fdr_columns(rows, p_columns), voxel_r, missing
 
 
-def summary_columns(rows: list[dict], feature_sets, comparisons) -> list[str]:
-    """The readable subset of a single-subject table's columns, in order, for the Markdown version."""
-    wanted = ["roi", "n_voxels"] + [f"layer_{s}" for s in feature_sets]
-    for stat in ("mean", "median"):
-        wanted += [f"{stat}_r_{s}" for s in feature_sets]
-    wanted += [f"median_challenge_score_{s}" for s in feature_sets]
-    for a, b in comparisons:
-        wanted += [f"pct_improved_{a}_vs_{b}", f"median_diff_{a}_vs_{b}", f"ci95_median_diff_{a}_vs_{b}",
-                   f"perm_p_median_{a}_vs_{b}", f"perm_p_median_{a}_vs_{b}_fdr"]
-    wanted += [c for c in dict.fromkeys(k for r in rows for k in r) if c.startswith(("top1_of_", "chance_top1"))]
+def markdown_report(rows: list[dict], feature_sets, comparisons) -> str:
+    """A single-subject table as readable Markdown: accuracy per set, one table per comparison, CL retrieval."""
     present = {k for r in rows for k in r}
-    return [c for c in wanted if c in present]
+    shown = [s for s in feature_sets if any(r.get(f"layer_{s}") for r in rows)]
+    accuracy = ["roi", "n_voxels"] + [f"{k}_{s}" for k in ("layer", "mean_r", "median_r",
+                                                             "median_challenge_score") for s in shown]
+    text = "### Accuracy per feature set (test split)\n\n" + outputs.markdown_table(
+        rows, [c for c in accuracy if c in present])
+    for a, b in comparisons:
+        columns = ["roi"] + [f"{k}_{a}_vs_{b}" for k in (
+            "pct_improved", "mean_diff", "ci95_mean_diff", "perm_p_mean", "perm_p_mean_fdr", "median_diff",
+            "ci95_median_diff", "perm_p_median", "perm_p_median_fdr")]
+        if columns[1] in present:
+            text += (f"\n### {a} vs {b}: % voxels improved; difference of the ROI's mean and median r with 95% "
+                     "bootstrap CI and permutation p over test images (and BH-FDR across ROIs)\n\n"
+                     + outputs.markdown_table([r for r in rows if columns[1] in r], columns))
+    retrieval = ["roi", "n_test_images"] + sorted(c for c in present if c.startswith(("top1_", "top5_", "control_",
+                                                                                        "chance_")))
+    if len(retrieval) > 2:
+        text += ("\n### fMRI -> image retrieval of the contrastive models (test split; control: fMRI rows "
+                 "shuffled)\n\n" + outputs.markdown_table([r for r in rows if r["n_voxels"]], retrieval))
+    return text
 
 
 def long_rows(rows: list[dict], feature_sets) -> list[dict]:

@@ -101,14 +101,15 @@ class EncodingStudy:
     def __init__(self, data_dir, out_dir, hemispheres, weights: str, image_size: int, split_seed: int,
                  pca_components: int, seed: int, batch_size: int, alpha_mode: str, alphas, tuned_layer: str,
                  checkpoint: str, device, layers=models.ALEXNET_LAYERS, alpha_holdout: float = 0.1,
-                 keep_search_features: bool = False, noise_ceiling_dir=None, layer_statistic: str = "median"):
+                 keep_search_features: bool = False, noise_ceiling_dir=None, layer_statistic: str = "median",
+                 pooled_h_method: str = "constant"):
         self.data_dir, self.out_dir, self.hemispheres = data_dir, out_dir, list(hemispheres)
         self.weights, self.image_size, self.split_seed = weights, image_size, split_seed
         self.pca_components, self.seed, self.batch_size = pca_components, seed, batch_size
         self.alpha_mode, self.alpha_grid, self.alpha_holdout = alpha_mode, alphas, alpha_holdout
         self.tuned_layer, self.checkpoint, self.device, self.layers = tuned_layer, checkpoint, device, list(layers)
         self.keep_search_features, self.noise_ceiling_dir = keep_search_features, noise_ceiling_dir
-        self.layer_statistic = layer_statistic
+        self.layer_statistic, self.pooled_h_method = layer_statistic, pooled_h_method
         if alpha_mode not in ("per-voxel", "per-roi", "paper"):
             raise utils.OptionsError(f"--alpha_mode={alpha_mode}: expected per-voxel, per-roi or paper")
         if tuned_layer not in ("best", "untuned") and tuned_layer not in self.layers:
@@ -155,8 +156,8 @@ class EncodingStudy:
         if feature_set in TUNED_METHODS:
             path = models.checkpoint_path(self.out_dir, feature_set, source, hemi, roi, self.checkpoint)
         elif feature_set in POOLED_SETS:
-            path = models.pooled_checkpoint_path(self.out_dir, feature_set, hemi, roi, exclude_subject,
-                                                 self.checkpoint)
+            path = models.pooled_checkpoint_path(self.out_dir, feature_set.split("-", 1)[1], hemi, roi,
+                                                 exclude_subject, self.checkpoint, self.pooled_h_method)
         else:
             raise ValueError(f"unknown feature set {feature_set!r}; expected one of {', '.join(FEATURE_SETS)}")
         return path if path.is_file() else None
