@@ -4,7 +4,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import scipy.stats
-import torch
 from sklearn.decomposition import PCA
 from sklearn.linear_model import Ridge, RidgeCV
 
@@ -123,20 +122,114 @@ def test_ridge_bad_input_is_a_value_error(data):
         encoding.fit_ridge(data["X_train"], data["Y_train"], alphas=GRID, device="cpu")
 
 
+def test_val_norms_one_product_match_per_alpha_predictions():
+    """|val predictions|^2 of all alphas from the stacked triangular products equal explicit ones."""
+    rng = np.random.default_rng(6)
+    for n_val, k in ((30, 12), (9, 12)):   # square R and trapezoidal R (fewer val images than features)
+        A_val = rng.normal(size=(n_val, k))
+        R = np.linalg.qr(A_val, mode="r")
+        Z = rng.normal(size=(k, 7))
+        D = 1.0 / (rng.uniform(1, 50, k)[None, :] + GRID[:, None])
+        expected = np.array([((A_val @ (d[:, None] * Z)) ** 2).sum(0) for d in D])
+        for n_blocks in (1, 3, 4):
+            got = encoding._val_sq_norms(R, np.ascontiguousarray(D.T), Z, n_blocks)
+            np.testing.assert_allclose(got, expected, rtol=1e-12)
+
+
+def explicit_gcv(X, Y, alpha):
+    """GCV from the explicit train hat matrix of ridge with an unpenalised intercept (numpy float64)."""
+    n = X.shape[0]
+    Xc = X - X.mean(0)
+    H = np.full((n, n), 1.0 / n) + Xc @ np.linalg.solve(Xc.T @ Xc + alpha * np.eye(X.shape[1]), Xc.T)
+    return H, n * ((Y - H @ Y) ** 2).sum(0) / (n - np.trace(H)) ** 2
+
+
+@pytest.mark.parametrize("n_features", [15, 90])  # fewer and more features than train images
+def test_gcv_matches_explicit_hat_matrix(n_features):
+    rng = np.random.default_rng(7)
+    n = 60
+    X = rng.normal(size=(n, n_features)) * np.logspace(0, -1.5, n_features) + 2.0
+    Y = X[:, :5] @ rng.normal(size=(5, 12)) * np.linspace(0, 1, 12) + rng.normal(size=(n, 12)) + 3.0
+    Y[:, 4] = 0.7   # constant voxel: GCV undefined (every alpha fits it), so NaN and the largest alpha
+    reference = []
+    for alpha in GRID:
+        H, gcv = explicit_gcv(X, Y, alpha)
+        # the hat matrix is sklearn's fit: H y = Ridge(alpha).fit(X, y).predict(X)
+        np.testing.assert_allclose(H @ Y, Ridge(alpha=alpha).fit(X, Y).predict(X), atol=1e-9)
+        reference.append(gcv)
+    reference = np.array(reference)
+    ok = np.arange(12) != 4
+    best = reference[:, ok].argmin(0)
+    # scores are stored as float32 (rel. 6e-8); float32 products (rel. error ~1e-6) lose up to two
+    # more digits where the fit explains most of |y_c|^2
+    for dtype, rtol in (("float64", 1e-6), ("float32", 1e-4)):
+        fit = encoding.fit_ridge(X, Y, alphas=GRID, selection="gcv", device="cpu", dtype=dtype)
+        np.testing.assert_allclose(fit.gcv_scores_[:, ok], reference[:, ok], rtol=rtol)
+        assert np.isnan(fit.gcv_scores_[:, 4]).all() and fit.alphas_[4] == GRID[-1]
+        assert fit.val_scores_ is None and fit.selection == "gcv"
+        np.testing.assert_array_equal(np.searchsorted(GRID, fit.alphas_[ok]), best)
+        np.testing.assert_allclose(fit.best_gcv_scores_[ok], reference[best, np.flatnonzero(ok)], rtol=rtol)
+    assert len(np.unique(best)) >= 2
+    # coefficients at the chosen alphas are sklearn's
+    for j in np.flatnonzero(ok):
+        model = Ridge(alpha=fit.alphas_[j]).fit(X, Y[:, j])
+        np.testing.assert_allclose(fit.coef_[:, j], model.coef_, atol=1e-4)
+
+
+def test_selection_only_mode_then_refit_with_voxel_alphas(data):
+    """Choose per voxel among candidate feature sets by val r without coefficients, refit the winners."""
+    rng = np.random.default_rng(9)
+    candidates = {"all": lambda x: x, "first half": lambda x: x[:, :20],
+                  "mixed": lambda x: x @ rng.normal(size=(40, 25)).astype(np.float32)}
+    feats = {name: {s: f(data[f"X_{s}"]) for s in ("train", "val", "test")} for name, f in candidates.items()}
+    best_r, best_alpha = [], []
+    for name, x in feats.items():
+        sel = encoding.fit_ridge(x["train"], data["Y_train"], x["val"], data["Y_val"], alphas=GRID,
+                                 compute_coef=False, device="cpu")
+        full = encoding.fit_ridge(x["train"], data["Y_train"], x["val"], data["Y_val"], alphas=GRID, device="cpu")
+        assert sel.coef_ is None and sel.intercept_ is None
+        with pytest.raises(ValueError, match="compute_coef"):
+            sel.predict(x["test"])
+        np.testing.assert_array_equal(sel.alphas_, full.alphas_)
+        np.testing.assert_array_equal(sel.best_val_scores_, full.best_val_scores_)
+        best_r.append(sel.best_val_scores_)
+        best_alpha.append(sel.alphas_)
+    winner = np.argmax(best_r, axis=0)
+    assert len(np.unique(winner)) >= 2
+    y_fit = np.concatenate([data["Y_train"], data["Y_val"]])
+    for c, x in enumerate(feats.values()):
+        voxels = np.flatnonzero(winner == c)
+        x_fit = np.concatenate([x["train"], x["val"]])
+        refit = encoding.fit_ridge(x_fit, y_fit[:, voxels], voxel_alphas=best_alpha[c][voxels], device="cpu")
+        for i, j in enumerate(voxels):
+            model = Ridge(alpha=best_alpha[c][j]).fit(x_fit.astype(np.float64), y_fit[:, j].astype(np.float64))
+            np.testing.assert_allclose(refit.predict(x["test"])[:, i], model.predict(x["test"]), atol=1e-4)
+
+
+def test_selection_arguments_are_checked(data):
+    with pytest.raises(ValueError, match="gcv"):
+        encoding.fit_ridge(data["X_train"], data["Y_train"], data["X_val"], data["Y_val"], alphas=GRID,
+                           selection="gcv", device="cpu")
+    with pytest.raises(ValueError, match="selection"):
+        encoding.fit_ridge(data["X_train"], data["Y_train"], alphas=GRID, selection="loo", device="cpu")
+
+
 # ---- Pearson r ----
 
 
-def test_pearson_wide_input_uses_threads_and_matches_float64():
+@pytest.mark.filterwarnings("ignore::scipy.stats.ConstantInputWarning")
+def test_pearson_wide_input_uses_threads_and_matches_scipy():
+    """float32, wide enough for threads; a column whose first rows sit far from its mean takes the exact path."""
     rng = np.random.default_rng(8)
     y = rng.normal(size=(40, 5000)).astype(np.float32)
     p = (y + rng.normal(size=y.shape)).astype(np.float32)
     y[:, 4321] = 3.0
-    yc, pc = y - y.astype(np.float64).mean(0), p - p.astype(np.float64).mean(0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        expected = (yc * pc).sum(0) / np.sqrt((yc * yc).sum(0) * (pc * pc).sum(0))
-    r = encoding.pearson_r(y, p)
-    assert np.isnan(r[4321]) and np.isnan(r).sum() == 1
-    np.testing.assert_allclose(np.delete(r, 4321), np.delete(expected, 4321), atol=1e-6)
+    p[:4, 17] += 50.0  # with block_rows=4 the first block's mean is 3 standard deviations from the column's
+    expected = scipy.stats.pearsonr(y.astype(np.float64), p.astype(np.float64), axis=0).statistic
+    for r in (encoding.pearson_r(y, p), encoding.pearson_r(y, p, block_rows=4)):
+        assert np.isnan(r[4321]) and np.isnan(r).sum() == 1
+        # float32 data: products summed in float32 within blocks of rows, float64 across: ~1e-7 on r
+        np.testing.assert_allclose(np.delete(r, 4321), np.delete(expected, 4321), atol=1e-6)
 
 
 def test_pearson_matches_scipy():
@@ -147,8 +240,8 @@ def test_pearson_matches_scipy():
     np.testing.assert_allclose(encoding.pearson_r(y, p), expected, atol=1e-12)
     np.testing.assert_allclose(encoding.pearson_r(y.astype(np.float32), p.astype(np.float32)), expected, atol=1e-6)
     np.testing.assert_allclose(encoding.pearson_r(y, p, block_rows=7), expected, atol=1e-12)
-    np.testing.assert_allclose(encoding.pearson_r(torch.tensor(y), torch.tensor(p)).numpy(), expected, atol=1e-12)
     assert encoding.pearson_r(y[:, 0], p[:, 0]) == pytest.approx(expected[0], abs=1e-12)
+    assert np.isnan(encoding.pearson_r(y[:1], p[:1])).all()  # one row: no correlation
 
 
 def test_constant_columns_give_nan_and_are_counted():
@@ -157,7 +250,7 @@ def test_constant_columns_give_nan_and_are_counted():
     p = rng.normal(size=(20, 5))
     y[:, 1] = 0.1   # constant truth (its centred sum of squares is rounding noise, not 0)
     p[:, 3] = -2.0  # constant prediction
-    for r in (encoding.pearson_r(y, p), encoding.pearson_r(torch.tensor(y), torch.tensor(p)).numpy()):
+    for r in (encoding.pearson_r(y, p), encoding.pearson_r(y.astype(np.float32), p.astype(np.float32))):
         assert np.isnan(r[[1, 3]]).all() and np.isfinite(r[[0, 2, 4]]).all()
     stats = encoding.summarize_r(encoding.pearson_r(y, p))
     finite = encoding.pearson_r(y, p)[[0, 2, 4]]
