@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 
 import encoding
+import make_demo_data
 import options
 import outputs
 import utils
@@ -57,7 +58,7 @@ def time_ridge_fit(method: str, n_train: int, n_val: int, n_features: int, n_vox
 
     Meant to run in a fresh process (run_in_child) so the peak memory is this fit's alone.
     """
-    data = encoding.make_synthetic_encoding_data(n_train, n_val, 0, n_features, n_voxels, seed=seed)
+    data = make_demo_data.make_synthetic_encoding_data(n_train, n_val, 0, n_features, n_voxels, seed=seed)
     alphas = np.logspace(1, 7, n_alphas)
     data_rss = peak_rss_gb()
     times, cpu_times, info = [], [], {}

@@ -93,16 +93,6 @@ def pearson_r(y_true, y_pred, block_rows: int = 32):
     return r[0] if scalar else r
 
 
-def summarize_r(r) -> dict:
-    """Mean, median, std, min, max of per-voxel r over the finite values, with counts of all and of NaNs."""
-    r = np.asarray(r, dtype=np.float64).ravel()
-    finite = r[np.isfinite(r)]
-    stats = {"n": int(r.size), "n_valid": int(finite.size), "n_nan": int(r.size - finite.size)}
-    for name, fn in (("mean", np.mean), ("median", np.median), ("std", np.std), ("min", np.min), ("max", np.max)):
-        stats[name] = float(fn(finite)) if finite.size else float("nan")
-    return stats
-
-
 def challenge_score(r, noise_ceiling):
     """Algonauts 2023 challenge score per vertex: 100 max(r, 0)^2 / NC capped at 100; NaN where NC <= 0 or not finite.
 
@@ -513,15 +503,7 @@ def _device(device):
     return torch.device(device)
 
 
-# -- Encoding core: feature scaling, hold-outs and synthetic data for tests and benchmarks --
-
-
-def holdout_split(indices, fraction: float, seed: int):
-    """Split indices into (fit, hold-out) with a seeded permutation; hold-out gets `fraction` of them."""
-    indices = np.asarray(indices)
-    order = np.random.default_rng(seed).permutation(len(indices))
-    n_hold = max(1, int(round(fraction * len(indices))))
-    return np.sort(indices[order[n_hold:]]), np.sort(indices[order[:n_hold]])
+# -- Encoding core: feature scaling --
 
 
 def unit_scale(features: dict) -> dict:
@@ -533,30 +515,3 @@ def unit_scale(features: dict) -> dict:
     scale = float(np.sqrt(np.mean(np.var(features["train"], axis=0, dtype=np.float64))))
     scale = scale if scale > 0 else 1.0
     return {name: (x / scale).astype(np.float32) for name, x in features.items()}
-
-
-def make_synthetic_encoding_data(n_train: int = 800, n_val: int = 200, n_test: int = 300, n_features: int = 100,
-                                 n_voxels: int = 500, rank: int = 20, seed: int = 0) -> dict:
-    """Features and responses with a planted low-rank linear signal (float32 arrays).
-
-    Features mix `rank` latent factors with unequal scales (unnormalised, spread-out eigenvalues);
-    each voxel reads the latents with its own signal strength (some none), so the best alpha varies.
-    Returns X_train, Y_train, X_val, Y_val, X_test, Y_test.
-    """
-    rng = np.random.default_rng(seed)
-    n_all = n_train + n_val + n_test
-    latents = rng.standard_normal((n_all, rank), dtype=np.float32)
-    mixing = rng.standard_normal((rank, n_features), dtype=np.float32)
-    scales = np.logspace(0, -2, n_features).astype(np.float32)
-    X = (latents @ mixing + rng.standard_normal((n_all, n_features), dtype=np.float32)) * scales + 0.5
-    readout = rng.standard_normal((rank, n_voxels), dtype=np.float32) / np.float32(np.sqrt(rank))
-    readout *= np.linspace(0.0, 1.0, n_voxels, dtype=np.float32)  # signal strength 0 .. 1 across voxels
-    Y = latents @ readout
-    for start in range(0, n_all, 2048):  # add noise in row blocks to avoid a second full-size temporary
-        Y[start:start + 2048] += rng.standard_normal((min(2048, n_all - start), n_voxels), dtype=np.float32)
-    bounds = np.cumsum([0, n_train, n_val, n_test])
-    out = {}
-    for name, lo, hi in zip(("train", "val", "test"), bounds[:-1], bounds[1:]):
-        out[f"X_{name}"], out[f"Y_{name}"] = X[lo:hi], Y[lo:hi]
-    return out
-

@@ -34,7 +34,8 @@ def layer_roi_scores(layer_features: dict, fmri: np.ndarray, split: dict, roi_in
     on a hold-out of the train split, so the val split only scores.
     """
     summarize = {"median": np.nanmedian, "mean": np.nanmean}[statistic]
-    fit_rows, hold_rows = encoding.holdout_split(np.arange(len(split["train"])), alpha_holdout, seed)
+    from sklearn.model_selection import train_test_split
+    fit_rows, hold_rows = train_test_split(np.arange(len(split["train"])), test_size=alpha_holdout, random_state=seed)
     y_train = fmri[split["train"]]
     y_val = fmri[split["val"]]
     scores = np.full((len(layer_features), len(roi_indices)), np.nan)

@@ -22,9 +22,7 @@ class OptionsError(DataError):
     """Unknown or unparsable command-line option."""
 
 
-# ---------------------------------------------------------------------------------------------
-# ROIs.
-# ---------------------------------------------------------------------------------------------
+# ---- ROIs ----
 
 HEMISPHERES = ("lh", "rh")
 ROI_FAMILIES = ("prf-visualrois", "floc-bodies", "floc-faces", "floc-places", "floc-words", "streams")
@@ -62,9 +60,7 @@ def check_roi_names(names) -> list[str]:
     return out
 
 
-# ---------------------------------------------------------------------------------------------
-# Restricted unpickling of the official mapping_<family>.npy files (pickled dicts).
-# ---------------------------------------------------------------------------------------------
+# ---- Restricted unpickling of the official mapping_<family>.npy files (pickled dicts) ----
 
 _ALLOWED_GLOBALS = {
     ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
@@ -117,9 +113,7 @@ def load_roi_mapping(path) -> dict[int, str]:
     return {int(k): v.strip() for k, v in obj.items()}
 
 
-# ---------------------------------------------------------------------------------------------
-# The Algonauts 2023 layout (official, or the older re-arranged one), auto-detected.
-# ---------------------------------------------------------------------------------------------
+# ---- The Algonauts 2023 layout (official, or the older re-arranged one), auto-detected ----
 
 _NSD_ID = re.compile(r"nsd-(\d+)")
 
@@ -217,9 +211,7 @@ def nsd_ids(image_paths) -> np.ndarray | None:
     return np.asarray(ids, dtype=np.int64)
 
 
-# ---------------------------------------------------------------------------------------------
-# Loading and validation.
-# ---------------------------------------------------------------------------------------------
+# ---- Loading and validation ----
 
 
 def load_fmri(paths: SubjectPaths, hemi: str) -> np.ndarray:
@@ -296,19 +288,6 @@ def voxel_roi_lists(roi_indices: dict[str, np.ndarray], n_vertices: int) -> list
     return [pattern_lists[k] for k in pattern_of_vertex.ravel()]
 
 
-def format_roi_size_table(sizes: dict) -> str:
-    """Text table of ROI voxel counts: rows ROIs, columns (subject, hemi); empty ROIs marked."""
-    columns = sorted(sizes)
-    header = f"{'ROI':<12}" + "".join(f"{subject_dir_name(s) + ' ' + h:>12}" for s, h in columns)
-    lines = [header, "-" * len(header)]
-    row_names = list(ROI_NAMES) + sorted({k for c in columns for k in sizes[c]} - set(ROI_NAMES))
-    for name in row_names:
-        cells = [sizes[c].get(name) for c in columns]
-        lines.append(f"{name:<12}" + "".join(f"{'empty' if v == 0 else ('-' if v is None else v):>12}"
-                                             for v in cells))
-    return "\n".join(lines)
-
-
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -355,29 +334,21 @@ def validate_subject(paths: SubjectPaths, check_values: bool = True, noise_ceili
     return {"n_images": len(images), "n_vertices": n_vertices, "images": images, "noise_ceiling": ceilings}
 
 
-def noise_ceiling_file(paths: SubjectPaths, hemi: str, noise_ceiling_dir=None) -> Path | None:
-    """<noise_ceiling_dir>/subjXX/{hemi}_noise_ceiling.npy (required when a dir is given), else the data's own."""
-    if noise_ceiling_dir is None:
-        return paths.noise_ceiling.get(hemi)
-    path = Path(noise_ceiling_dir) / subject_dir_name(paths.subject) / f"{hemi}_noise_ceiling.npy"
-    if not path.is_file():
-        raise DataError(f"{path}: noise ceiling file not found (expected <noise_ceiling_dir>/subjXX/"
-                        "{lh,rh}_noise_ceiling.npy, one value per challenge-space vertex)")
-    return path
-
-
 def load_noise_ceiling(paths: SubjectPaths, hemi: str, n_vertices: int | None = None,
                        noise_ceiling_dir=None) -> np.ndarray | None:
     """Per-vertex noise ceiling as a float32 fraction (0..1) of explainable variance, validated; None if absent.
 
-    The challenge download has none: pass noise_ceiling_dir holding subjXX/{lh,rh}_noise_ceiling.npy, 1-D
-    arrays over the challenge-space vertices (the columns of the training fMRI). From NSD's per-vertex
-    ncsnr: NC = ncsnr^2 / (ncsnr^2 + 1/n), n the repeats averaged (3 for betas averaged over repeats, as
-    here); or use the organisers' test-split noise ceiling files. Without a dir, the data's own
-    <data_dir>/subjXX/noise_ceiling/{hemi}_noise_ceiling.npy (the demo's) is used where present.
+    The challenge download has none: give noise_ceiling_dir with subjXX/{lh,rh}_noise_ceiling.npy (1-D over the
+    challenge-space vertices), e.g. from NSD's ncsnr: NC = ncsnr^2 / (ncsnr^2 + 1/n), n the repeats averaged (3),
+    or the organisers' test-split files. Else the data's own <data_dir>/subjXX/noise_ceiling/ (the demo's).
     Values in 0..100 with a maximum above 1 are taken as percentages and divided by 100 (with a note).
     """
-    path = noise_ceiling_file(paths, hemi, noise_ceiling_dir)
+    path = paths.noise_ceiling.get(hemi)
+    if noise_ceiling_dir is not None:
+        path = Path(noise_ceiling_dir) / subject_dir_name(paths.subject) / f"{hemi}_noise_ceiling.npy"
+        if not path.is_file():
+            raise DataError(f"{path}: noise ceiling file not found (expected <noise_ceiling_dir>/subjXX/"
+                            "{lh,rh}_noise_ceiling.npy, one value per challenge-space vertex)")
     if path is None:
         return None
     try:
@@ -400,9 +371,7 @@ def load_noise_ceiling(paths: SubjectPaths, hemi: str, n_vertices: int | None = 
     return nc.astype(np.float32)
 
 
-# ---------------------------------------------------------------------------------------------
-# One train / val / test split for every stage.
-# ---------------------------------------------------------------------------------------------
+# ---- One train / val / test split for every stage ----
 
 SPLIT_NAMES = ("train", "val", "test")
 _NSD_ID_SPACE = 73000  # NSD has 73,000 images
@@ -451,9 +420,7 @@ def get_split(out_dir, subject: int, image_paths, seed: int = 0,
     return split
 
 
-# ---------------------------------------------------------------------------------------------
-# Image cache: PNGs decoded once into a memory-mapped uint8 N x 3 x S x S array.
-# ---------------------------------------------------------------------------------------------
+# ---- Image cache: PNGs decoded once into a memory-mapped uint8 N x 3 x S x S array ----
 
 
 def decode_image(path, size: int) -> np.ndarray:
@@ -511,9 +478,7 @@ def load_challenge_images(paths: SubjectPaths, out_dir, size: int) -> np.ndarray
     return load_image_cache(out_dir, paths.subject, image_paths, size=size, tag="challenge")
 
 
-# ---------------------------------------------------------------------------------------------
-# One subject loader for every stage.
-# ---------------------------------------------------------------------------------------------
+# ---- One subject loader for every stage ----
 
 
 def check_hemisphere(hemi: str) -> str:

@@ -254,3 +254,23 @@ def test_atomic_write_leaves_old_file_on_failure_and_writes_sidecar(tmp_path):
         outputs.atomic_write(target, boom)
     np.testing.assert_array_equal(np.load(target), np.arange(3))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["table.npy", "table.npy.meta.json"]
+
+
+def test_sectioned_config_sets_each_scripts_options(tmp_path):
+    """configs/original_2023.json style: 'all' keys where a script has them, a script's own section, typos refused."""
+    cl_defaults = options.script_defaults(REPO / "cl_model_training.py")
+    results_defaults = options.script_defaults(REPO / "generate_results.py")
+    cfg = tmp_path / "protocol.json"
+    cfg.write_text(json.dumps({"all": {"lr_schedule": "none", "checkpoint": "last"},
+                               "generate_results.py": {"tuned_layer": "untuned"}}))
+    assert options.read_config(cfg, "cl_model_training.py", cl_defaults) == {"lr_schedule": "none"}
+    assert options.read_config(cfg, "generate_results.py", results_defaults) == {"checkpoint": "last",
+                                                                                  "tuned_layer": "untuned"}
+    original = options.read_config(REPO / "configs" / "original_2023.json", "generate_results.py", results_defaults)
+    assert original["tuned_layer"] == "untuned" and original["alpha_mode"] == "per-roi"
+    for bad, message in (({"all": {"lr_schedul": "none"}}, "option of no script"),
+                         ({"generate_results.py": {"epochs": 3}}, "has no option 'epochs'"),
+                         ({"nope.py": {}}, "names no script")):
+        cfg.write_text(json.dumps(bad))
+        with pytest.raises(utils.OptionsError, match=message):
+            options.read_config(cfg, "cl_model_training.py", cl_defaults)
