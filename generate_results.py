@@ -28,8 +28,7 @@ weights = "IMAGENET1K_V1"                   # untuned AlexNet weights (as in get
 image_size = 224                            # pixels fed to AlexNet (as in training)
 tuned_layer = "best"                        # best: each tuned backbone searched over `layers` like the untuned
                                             # one | untuned: the ROI's best untuned layer (2023 original) | a layer
-layers = ["features.2", "features.5", "features.7", "features.9", "features.12",
-          "classifier.2", "classifier.5", "classifier.6"]  # layers searched for tuned backbones (tuned_layer=best)
+layers = []                                 # searched for tuned backbones (best); [] = models.ALEXNET_LAYERS
 alpha_holdout = 0.1                         # fraction of train that chooses alphas in the layer search
 layer_statistic = "median"                  # median | mean (2023 original) val r that picks a tuned set's layer
 keep_search_features = False                # keep every searched layer's cached features (else only the chosen)
@@ -83,8 +82,8 @@ subject_list = utils.resolve_subjects(data_dir, subjects)
 torch_device = options.resolve_device(device)
 study = encoding_study.EncodingStudy(data_dir, out_dir, hemispheres, weights, image_size, split_seed, pca_components,
                                      seed, batch_size, alpha_mode, alphas or encoding.ALPHAS, tuned_layer,
-                                     checkpoint, torch_device, layers, alpha_holdout, keep_search_features,
-                                     noise_ceiling_dir or None, layer_statistic, pooled_h_method)
+                                     checkpoint, torch_device, layers or models.ALEXNET_LAYERS, alpha_holdout,
+                                     keep_search_features, noise_ceiling_dir or None, layer_statistic, pooled_h_method)
 if {"single-subj", "cross-subj"} & set(result_types):
     for subject in subject_list:  # validate every subject (and the best-layer files) before writing anything
         study.subject(subject)

@@ -12,8 +12,7 @@ data_dir = "algonauts_2023_challenge_data"  # Algonauts 2023 download (read only
 out_dir = "out"                             # everything derived goes here
 subjects = []                               # [] = every subject in data_dir
 hemispheres = ["lh", "rh"]                  # hemispheres to score
-layers = ["features.2", "features.5", "features.7", "features.9", "features.12",
-          "classifier.2", "classifier.5", "classifier.6"]  # AlexNet layers to compare
+layers = []                                 # AlexNet layers to compare; [] = all 8 (models.ALEXNET_LAYERS)
 weights = "IMAGENET1K_V1"                   # untuned AlexNet: IMAGENET1K_V1, none (random) or a .pth path
 image_size = 224                            # pixels fed to AlexNet
 pca_components = 1000                       # PCA size for wider layers (fitted on train only)
@@ -31,6 +30,7 @@ import numpy as np
 
 import encoding
 import features
+import models
 import options
 import outputs
 import plots
@@ -38,6 +38,7 @@ import study
 import utils
 
 config = options.apply_options(globals())
+layers = list(layers or models.ALEXNET_LAYERS)
 torch_device = options.resolve_device(device)
 subject_list = utils.resolve_subjects(data_dir, subjects)
 # validate every subject before writing anything

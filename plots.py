@@ -1,4 +1,4 @@
-"""Every figure of the pipeline (matplotlib, Agg backend): heatmaps, per-ROI bars, violins, transfer matrices, probes."""
+"""Every figure of the pipeline (matplotlib, Agg backend): heatmaps, bars, violins, transfer matrices, probes."""
 from __future__ import annotations
 
 import numpy as np

@@ -19,8 +19,7 @@ hemispheres = ["lh", "rh"]                  # a submission needs both
 features = "best"                           # best (untuned + every tuned set) | untuned | cl | reg | pooled-cl |
                                             # pooled-reg (untuned layers + that tuned set only)
 tuned_sets = ["cl", "reg", "pooled-cl", "pooled-reg"]  # tuned sets considered by features=best
-layers = ["features.2", "features.5", "features.7", "features.9", "features.12",
-          "classifier.2", "classifier.5", "classifier.6"]  # untuned candidates (and tuned layers searched)
+layers = []                                 # untuned candidates (+ tuned layers searched); [] = all 8
 weights = "IMAGENET1K_V1"                   # untuned AlexNet weights (as in get_best_alex_layer.py)
 checkpoint = "best"                         # best or last checkpoint of each tuned model
 tuned_layer = "best"                        # as generate_results.py: best | untuned | a layer name
@@ -46,6 +45,7 @@ import numpy as np
 from tqdm import tqdm
 
 import encoding
+import models
 import options
 import outputs
 import plots
@@ -53,6 +53,7 @@ import study as encoding_study
 import utils
 
 config = options.apply_options(globals())
+layers = list(layers or models.ALEXNET_LAYERS)
 if features not in ("best", "untuned") + encoding_study.TUNED_METHODS + encoding_study.POOLED_SETS:
     raise utils.OptionsError(f"--features={features}: expected best, untuned, "
                              + ", ".join(encoding_study.TUNED_METHODS + encoding_study.POOLED_SETS))

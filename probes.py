@@ -63,7 +63,8 @@ def probe_image_cache(dataset: str, root, out_dir, max_per_class: int = 0, seed:
     items = chosen_items(labels, max_per_class, seed)
     key = {"dataset": dataset, "root": str(Path(root).resolve()), "n_items": len(ds), "resize": resize,
            "crop": crop, "items": hashlib.sha1(items.tobytes()).hexdigest()}
-    path = Path(out_dir) / "image_cache" / f"probe_{dataset}_{hashlib.sha1(json.dumps(key).encode()).hexdigest()[:10]}.npy"
+    digest = hashlib.sha1(json.dumps(key).encode()).hexdigest()[:10]
+    path = Path(out_dir) / "image_cache" / f"probe_{dataset}_{digest}.npy"
     classes = list(getattr(ds, "classes", [str(c) for c in np.unique(labels)]))
     if path.is_file():
         return np.load(path, mmap_mode="r"), labels[items], classes

@@ -167,8 +167,8 @@ def across_subject_table(rows: list[dict], feature_sets, comparisons, min_subjec
             if all(np.isfinite(float(values.get(m, np.nan))) for m in (a, b)):
                 for name in (group, "All"):
                     groups.setdefault((subject, hemi, f"group: {name}"), []).append(values)
-        group_long = [{"subject": s, "hemisphere": h, "roi": g, "method": m, "median_r": float(np.mean([v[m] for v in vs]))}
-                      for (s, h, g), vs in groups.items() for m in (a, b)]
+        group_long = [{"subject": s, "hemisphere": h, "roi": g, "method": m,
+                       "median_r": float(np.mean([v[m] for v in vs]))} for (s, h, g), vs in groups.items() for m in (a, b)]
         for unit_rows in (long, group_long):
             tests = significance.across_subject_tests(unit_rows, "median_r", a, b, min_subjects)
             out += significance.add_fdr_columns(tests, ["p_t", "p_w"], family_keys=("hemisphere",))
