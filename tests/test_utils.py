@@ -107,7 +107,7 @@ def test_restricted_unpickler_reads_official_and_rejects_code(tmp_path):
 def test_real_mapping_files_load_with_restricted_unpickler():
     shared = REPO.parent / "shared" / "algonauts_roi_masks" / "subj01"
     if not shared.is_dir():
-        pytest.skip("../shared not present")
+        pytest.skip(f"{shared} not here: the real masks beside the repo exist on the maintainers' machine only")
     for family in utils.ROI_FAMILIES:
         mapping = utils.load_roi_mapping(shared / f"mapping_{family}.npy")
         assert set(mapping.values()) - {"Unknown"} == set(utils.ROIS_BY_FAMILY[family])
@@ -181,17 +181,6 @@ def test_split_is_deterministic_disjoint_and_complete(tmp_path):
     assert sizes == pytest.approx([0.75, 0.10, 0.15], abs=0.06)
     c = utils.make_split(images, seed=4)
     assert not np.array_equal(a["test"], c["test"])
-
-
-def test_test_split_is_not_the_file_order_tail(tmp_path):
-    """The original code evaluated on the last 15% in file order after a random train split: leak."""
-    root = make_tiny_dataset(tmp_path / "d", n_images=200, subjects=(1,))
-    images = utils.list_images(utils.find_subject(root, 1).train_images)
-    split = utils.get_split(tmp_path / "out", 1, images)
-    tail = set(range(170, 200))
-    assert not set(split["train"]) & set(split["test"])
-    assert set(split["train"]) & tail  # a tail-of-file "test set" would overlap the training images
-    assert set(split["test"]) != tail
 
 
 def test_split_written_once_and_read_by_every_stage(tmp_path):
