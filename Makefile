@@ -7,10 +7,13 @@ STAMP      := $(VENV)/.installed-requirements
 DEMO_DATA  ?= demo_data
 DEMO_OUT   ?= demo_out
 RESULTS    ?= Results
-# The demo runs offline on CPU: random-init AlexNet, 96 px images, few epochs, small batches.
-DEMO_FLAGS := --data_dir=$(DEMO_DATA) --out_dir=$(DEMO_OUT) --weights=none --image_size=96
+# The demo runs offline on CPU: random-init AlexNet, 64 px images, few epochs, small batches; every stage runs.
+DEMO_FLAGS := --data_dir=$(DEMO_DATA) --out_dir=$(DEMO_OUT) --weights=none --image_size=64
 DEMO_ROIS  ?= V1v,FFA-1,PPA
-DEMO_TRAIN := --hemispheres=lh --rois=$(DEMO_ROIS) --epochs=8 --batch_size=128
+DEMO_POOLED_ROI ?= FFA-1
+DEMO_TRAIN := --epochs=5 --batch_size=128
+DEMO_POOLED := --hemisphere=lh --roi=$(DEMO_POOLED_ROI) --h_method=average
+SUBMISSION ?= $(RESULTS)/submission
 
 .PHONY: setup test demo demo-data clean-demo bench
 
@@ -22,24 +25,32 @@ $(STAMP): requirements.txt
 	touch $(STAMP)
 
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=10 tests
 
 demo-data: setup
-	$(PY) make_demo_data.py --out_dir=$(DEMO_DATA)
+	$(PY) make_demo_data.py --out_dir=$(DEMO_DATA) --imagefolder_per_class=20
 
 demo: demo-data
 	$(PY) generate_voxel_roi_mappings.py --data_dir=$(DEMO_DATA) --out_dir=$(DEMO_OUT)
 	$(PY) get_best_alex_layer.py $(DEMO_FLAGS)
 	for s in 1 2; do \
-	  $(PY) cl_model_training_all_rois.py $(DEMO_FLAGS) $(DEMO_TRAIN) --subject=$$s && \
-	  $(PY) reg_model_training_all_rois.py $(DEMO_FLAGS) $(DEMO_TRAIN) --subject=$$s || exit 1; \
+	  $(PY) cl_model_training_all_rois.py $(DEMO_FLAGS) $(DEMO_TRAIN) --hemispheres=lh --rois=$(DEMO_ROIS) --subject=$$s && \
+	  $(PY) reg_model_training_all_rois.py $(DEMO_FLAGS) $(DEMO_TRAIN) --hemispheres=lh --rois=$(DEMO_ROIS) --subject=$$s \
+	  || exit 1; \
 	done
-	$(PY) generate_results.py $(DEMO_FLAGS) --results_dir=$(RESULTS) --type=all --hemispheres=lh \
-	  --cross_subj_rois=$(DEMO_ROIS) --classification_rois=$(DEMO_ROIS)
-	@echo "demo finished: tables and figures in $(RESULTS)/, models in $(DEMO_OUT)/models/"
+	$(PY) pooled_cl_model_training.py $(DEMO_FLAGS) $(DEMO_TRAIN) $(DEMO_POOLED)
+	$(PY) pooled_reg_model_training.py $(DEMO_FLAGS) $(DEMO_TRAIN) --hemisphere=lh --roi=$(DEMO_POOLED_ROI)
+	for s in 1 2; do \
+	  $(PY) pooled_cl_model_training.py $(DEMO_FLAGS) $(DEMO_TRAIN) $(DEMO_POOLED) --exclude_subject=$$s || exit 1; \
+	done
+	$(PY) generate_results.py $(DEMO_FLAGS) --results_dir=$(RESULTS) --result_type=all --hemispheres=lh \
+	  --rois=$(DEMO_ROIS) --cross_subj_rois=$(DEMO_ROIS) --classification_rois=$(DEMO_POOLED_ROI) \
+	  --pooled_h_method=average
+	$(PY) predict_test_images.py $(DEMO_FLAGS) --submission_dir=$(SUBMISSION) --pooled_h_method=average
+	@echo "demo finished: tables and figures in $(RESULTS)/, a challenge submission in $(SUBMISSION)/, models in $(DEMO_OUT)/models/"
 
 bench: setup
 	$(PY) benchmark.py
 
 clean-demo:
-	rm -rf $(DEMO_DATA) $(DEMO_OUT)
+	rm -rf $(DEMO_DATA) $(DEMO_OUT) $(SUBMISSION)

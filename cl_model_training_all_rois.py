@@ -20,8 +20,10 @@ batch_size = 1024              # global batch size (paper: 1024)
 lr = 1e-4                      # Adam learning rate (paper: 1e-4)
 temperature = 0.3              # contrastive temperature t (paper: 0.3)
 symmetric_loss = False         # also average the fMRI->image direction (CLIP style); paper: image direction only
-lr_patience = 3                # ReduceLROnPlateau patience in epochs, on val loss
-lr_factor = 0.1                # ReduceLROnPlateau factor
+lr_schedule = "plateau"        # "plateau": ReduceLROnPlateau on val loss (2023 code); "none": constant lr (latest code)
+lr_patience = 3                # plateau: epochs without val-loss improvement before the lr drops
+lr_factor = 0.1                # plateau: lr multiplier
+backbone = "alexnet"           # "alexnet" (the paper's); "tiny" is a small stand-in network for fast tests
 weights = "IMAGENET1K_V1"      # "IMAGENET1K_V1" (torchvision cache), "none" (random init) or a local .pth state dict
 dropout = 0.5                  # AlexNet classifier dropout (torchvision default; 0 makes DDP runs match 1 process)
 image_size = 224               # input size in px
@@ -30,6 +32,7 @@ device = "auto"                # "auto" (cuda if present), "cpu", "cuda", "cuda:
 amp = True                     # bfloat16 autocast on GPU
 cpu_bf16 = True                # bfloat16 autocast on CPU where it has bf16 instructions (~1.6x faster there)
 channels_last = True           # channels-last memory format for the conv layers (measured faster on CPU)
+loader_workers = 0             # DataLoader worker processes; 0: one reader thread in this process (measured faster)
 num_threads = 0                # torch CPU threads (0 = torch default)
 seed = 0                       # model init, batch order, dropout
 split_seed = 0                 # train/val/test split seed (shared by every stage)
@@ -41,6 +44,7 @@ import models
 import options
 import outputs
 import training
+import training_data
 import utils
 
 config = options.apply_options(globals())
@@ -60,13 +64,12 @@ rows = []
 for k, (hemi, roi) in enumerate(jobs):
     n_voxels = len(subject_data.roi_voxel_indices[hemi][roi])
     job = {"hemisphere": hemi, "roi": roi, "voxels": n_voxels}
-    if n_voxels < training.MIN_ROI_VOXELS:
-        rows.append({**job, "status": f"skipped: {n_voxels} voxels (< {training.MIN_ROI_VOXELS})"})
+    if n_voxels < training_data.MIN_ROI_VOXELS:
+        rows.append({**job, "status": f"skipped: {n_voxels} voxels (< {training_data.MIN_ROI_VOXELS})"})
         continue
-    roi_fmri, roi_voxel_indices = training.roi_fmri(subject_data, hemi, roi)
+    source = training_data.roi_source(subject_data, hemi, roi)
     run_dir = models.checkpoint_path(out_dir, "cl", subject, hemi, roi).parent
-    summary = training.train_roi_model("cl", subject_data.images, roi_fmri, subject_data.split,
-                                       roi_voxel_indices, run_dir, settings, config, runtime,
+    summary = training.train_roi_model("cl", [source], run_dir, settings, config, runtime,
                                        desc=f"[{k + 1}/{len(jobs)}] cl {hemi} {roi}")
     rows.append({**job, **{key: v for key, v in summary.items() if key not in ("method", "voxels")}})
 

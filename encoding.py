@@ -18,13 +18,13 @@ import numpy as np
 # Fixed alphas of the paper's seed-compatible mode.
 PAPER_ALPHA_UNTUNED = 1e3   # untuned (ImageNet) features reduced to PCA(1000)
 PAPER_ALPHA_TUNED = 1e4     # fine-tuned model, classifier.6 features
-# Default per-voxel alpha grid. alpha competes with the eigenvalues of the centred train Gram matrix
-# X^T X (n_train x the feature variance along each principal axis): ~7.5e3 on average for standardised
-# features and ~7,500 train images; unnormalised activations and their PCA scores are larger and spread
-# over many decades. One alpha per decade from 1 (nearly OLS for such features) to 1e8 (nearly all
-# shrunk to the intercept: right for voxels without signal) brackets the paper's fixed 1e3 and 1e4 by
-# 3-4 decades either side; RidgeFit.alpha_summary() says how many voxels sit at an edge (then widen it).
-DEFAULT_ALPHAS = np.logspace(0, 8, 9)
+# The one alpha grid of the project (scripts' `alphas = []` mean this). alpha competes with the eigenvalues
+# of the centred train Gram matrix X^T X (n_train x the feature variance along each principal axis): ~7.4e3
+# on average for unit-scaled features (encoding.unit_scale) and ~7,400 train images. One alpha per decade
+# from 1e1 (nearly OLS for such features) to 1e7 (nearly all shrunk to the intercept: right for voxels
+# without signal) brackets the paper's fixed 1e3 and 1e4 by 2-3 decades either side;
+# RidgeFit.alpha_summary() says how many voxels sit at an edge (then widen it).
+ALPHAS = tuple(10.0 ** k for k in range(1, 8))
 
 
 def _is_torch(x) -> bool:
@@ -93,51 +93,99 @@ def pearson_r(y_true, y_pred, block_rows: int = 32):
     return r[0] if scalar else r
 
 
-def summarize_r(r) -> dict:
-    """Mean, median, std, min, max of per-voxel r over the finite values, with counts of all and of NaNs."""
-    r = np.asarray(r, dtype=np.float64).ravel()
-    finite = r[np.isfinite(r)]
-    stats = {"n": int(r.size), "n_valid": int(finite.size), "n_nan": int(r.size - finite.size)}
-    for name, fn in (("mean", np.mean), ("median", np.median), ("std", np.std), ("min", np.min), ("max", np.max)):
-        stats[name] = float(fn(finite)) if finite.size else float("nan")
-    return stats
+def challenge_score(r, noise_ceiling):
+    """Algonauts 2023 challenge score per vertex: 100 max(r, 0)^2 / NC capped at 100; NaN where NC <= 0 or not finite.
 
-
-def noise_normalized(r, noise_ceiling):
-    """Noise-ceiling-normalised accuracy r^2 / nc per voxel (Algonauts 2023 convention; can exceed 1).
-
-    nc is the fraction (0..1) of variance explainable by the stimulus; nc <= 0 or non-finite -> NaN.
-    The sign of r is lost (a negative r scores like a positive one), as in the challenge metric.
+    noise_ceiling is the fraction (0..1) of variance explainable by the stimulus (utils.load_noise_ceiling
+    converts percentages). As in the organisers' code a negative r scores 0 and a score above the ceiling
+    is capped at 100; unlike it (which sets NC = 0 to 1e-14, scoring any r > 0 as 100), NC <= 0 gives NaN.
     """
     r = np.asarray(r, dtype=np.float64)
     nc = np.asarray(noise_ceiling, dtype=np.float64)
     if r.shape != nc.shape:
         raise ValueError(f"noise ceiling of shape {nc.shape} does not match the {r.shape} correlations; "
-                              "expected one value per voxel")
+                         "expected one value per voxel")
     if np.nanmax(nc, initial=0.0) > 1.0:
         raise ValueError(f"noise ceiling up to {np.nanmax(nc):.3g}: expected a fraction of explainable "
-                              "variance in 0..1 (divide percentages by 100)")
+                         "variance in 0..1 (divide percentages by 100)")
     out = np.full(r.shape, np.nan)
     ok = np.isfinite(nc) & (nc > 0)
-    out[ok] = r[ok] ** 2 / nc[ok]
+    with np.errstate(invalid="ignore"):
+        out[ok] = np.minimum(100.0 * np.maximum(r[ok], 0.0) ** 2 / nc[ok], 100.0)  # NaN r stays NaN
     return out
 
 
 # -- Encoding core: PCA (fit on train only) --
 
 
-def fit_pca(X_train, n_components: int = 1000, seed: int = 0):
-    """sklearn's randomized PCA fitted on the train rows only; use its .transform on every split.
+def fit_pca(X_train, n_components: int = 1000, seed: int = 0, device=None):
+    """PCA fitted on the train rows only; use its .transform on every split.
 
-    n_components is capped at min(n_images, n_features) (beyond that PCA is a rotation and changes no
-    ridge prediction). A torch port measured 1.7x slower than sklearn on the 2-core CPU, so none is kept.
+    CPU: scikit-learn's randomized PCA (a torch port measured 1.7x slower on the 2-core CPU). CUDA device:
+    TorchPCA, the same randomized algorithm on the GPU. n_components is capped at min(n_images, n_features)
+    (beyond that PCA is a rotation and changes no ridge prediction).
     """
     X_train = X_train if _is_torch(X_train) else np.asarray(X_train)
     if X_train.ndim != 2 or X_train.shape[0] < 2:
         raise ValueError(f"PCA input of shape {tuple(X_train.shape)}: expected images x features with >= 2 images")
     n_components = int(min(n_components, *X_train.shape))
+    if device is not None and _device(device).type == "cuda":
+        return TorchPCA(n_components, seed, device).fit(X_train)
     from sklearn.decomposition import PCA
     return PCA(n_components=n_components, svd_solver="randomized", random_state=seed).fit(X_train)
+
+
+def pca_arrays(pca) -> dict:
+    """A fitted PCA's parameters as plain arrays (to save with numpy, never pickled)."""
+    return {"mean": np.asarray(pca.mean_, dtype=np.float32), "components": np.asarray(pca.components_, np.float32),
+            "explained_variance": np.asarray(pca.explained_variance_, dtype=np.float32)}
+
+
+def pca_from_arrays(arrays):
+    """scikit-learn's PCA restored from pca_arrays(): its own transform, (X - mean) @ components.T."""
+    from sklearn.decomposition import PCA
+    components = np.asarray(arrays["components"])
+    pca = PCA(n_components=components.shape[0])
+    pca.mean_, pca.components_ = np.asarray(arrays["mean"]), components
+    pca.explained_variance_ = np.asarray(arrays["explained_variance"])
+    pca.n_components_, pca.n_features_in_ = components.shape
+    return pca
+
+
+class TorchPCA:
+    """Randomized PCA in torch (Halko et al.: range finder with power iterations, as sklearn's), for the GPU.
+
+    Fitted attributes mirror sklearn's PCA: mean_, components_ (k x d), explained_variance_; transform(X).
+    """
+
+    def __init__(self, n_components: int, seed: int = 0, device="cuda", n_oversamples: int = 10, n_iter: int = 7):
+        self.n_components, self.seed, self.device = n_components, seed, _device(device)
+        self.n_oversamples, self.n_iter = n_oversamples, n_iter
+
+    def fit(self, X):
+        import torch
+        X = torch.as_tensor(np.asarray(X, dtype=np.float32) if not _is_torch(X) else X, device=self.device).float()
+        mean = X.mean(0)
+        Xc = X - mean
+        k = min(self.n_components + self.n_oversamples, *Xc.shape)
+        generator = torch.Generator(device=self.device).manual_seed(self.seed)
+        Q = torch.randn(Xc.shape[1], k, device=self.device, generator=generator)
+        for _ in range(self.n_iter):  # power iterations, re-orthonormalised (LU in sklearn, QR here)
+            Q = torch.linalg.qr(Xc @ Q).Q
+            Q = torch.linalg.qr(Xc.T @ Q).Q
+        Q = torch.linalg.qr(Xc @ Q).Q
+        _, S, Vt = torch.linalg.svd(Q.T @ Xc, full_matrices=False)
+        # sklearn's sign convention (svd_flip, v-based): the largest |entry| of each component is positive
+        signs = torch.sign(Vt.gather(1, Vt.abs().argmax(1, keepdim=True)))[:, 0]
+        Vt = Vt * signs[:, None]
+        self.mean_ = mean.cpu().numpy()
+        self.components_ = Vt[:self.n_components].cpu().numpy()
+        self.explained_variance_ = (S[:self.n_components] ** 2 / (X.shape[0] - 1)).cpu().numpy()
+        self.n_components_ = self.components_.shape[0]
+        return self
+
+    def transform(self, X) -> np.ndarray:
+        return ((np.asarray(X, dtype=np.float32) - self.mean_) @ self.components_.T).astype(np.float32)
 
 
 # -- Encoding core: ridge with one alpha per voxel, from one eigendecomposition --
@@ -237,7 +285,7 @@ def _eigen_basis(Xc):
     return _mm(Xc.T, U) / s2.sqrt(), s2
 
 
-def fit_ridge(X_train, Y_train, X_val=None, Y_val=None, alphas=DEFAULT_ALPHAS, *, voxel_alphas=None,
+def fit_ridge(X_train, Y_train, X_val=None, Y_val=None, alphas=ALPHAS, *, voxel_alphas=None,
               selection: str = "val", score: str = "r", compute_coef: bool = True, device=None,
               dtype: str = "float32", voxel_chunk: int = 4096, progress: bool = False) -> RidgeFit:
     """Ridge regression with an intercept (by centring, like sklearn fit_intercept=True).
@@ -452,15 +500,7 @@ def _device(device):
     return torch.device(device)
 
 
-# -- Encoding core: feature scaling, hold-outs and synthetic data for tests and benchmarks --
-
-
-def holdout_split(indices, fraction: float, seed: int):
-    """Split indices into (fit, hold-out) with a seeded permutation; hold-out gets `fraction` of them."""
-    indices = np.asarray(indices)
-    order = np.random.default_rng(seed).permutation(len(indices))
-    n_hold = max(1, int(round(fraction * len(indices))))
-    return np.sort(indices[order[n_hold:]]), np.sort(indices[order[:n_hold]])
+# -- Encoding core: feature scaling --
 
 
 def unit_scale(features: dict) -> dict:
@@ -472,30 +512,3 @@ def unit_scale(features: dict) -> dict:
     scale = float(np.sqrt(np.mean(np.var(features["train"], axis=0, dtype=np.float64))))
     scale = scale if scale > 0 else 1.0
     return {name: (x / scale).astype(np.float32) for name, x in features.items()}
-
-
-def make_synthetic_encoding_data(n_train: int = 800, n_val: int = 200, n_test: int = 300, n_features: int = 100,
-                                 n_voxels: int = 500, rank: int = 20, seed: int = 0) -> dict:
-    """Features and responses with a planted low-rank linear signal (float32 arrays).
-
-    Features mix `rank` latent factors with unequal scales (unnormalised, spread-out eigenvalues);
-    each voxel reads the latents with its own signal strength (some none), so the best alpha varies.
-    Returns X_train, Y_train, X_val, Y_val, X_test, Y_test.
-    """
-    rng = np.random.default_rng(seed)
-    n_all = n_train + n_val + n_test
-    latents = rng.standard_normal((n_all, rank), dtype=np.float32)
-    mixing = rng.standard_normal((rank, n_features), dtype=np.float32)
-    scales = np.logspace(0, -2, n_features).astype(np.float32)
-    X = (latents @ mixing + rng.standard_normal((n_all, n_features), dtype=np.float32)) * scales + 0.5
-    readout = rng.standard_normal((rank, n_voxels), dtype=np.float32) / np.float32(np.sqrt(rank))
-    readout *= np.linspace(0.0, 1.0, n_voxels, dtype=np.float32)  # signal strength 0 .. 1 across voxels
-    Y = latents @ readout
-    for start in range(0, n_all, 2048):  # add noise in row blocks to avoid a second full-size temporary
-        Y[start:start + 2048] += rng.standard_normal((min(2048, n_all - start), n_voxels), dtype=np.float32)
-    bounds = np.cumsum([0, n_train, n_val, n_test])
-    out = {}
-    for name, lo, hi in zip(("train", "val", "test"), bounds[:-1], bounds[1:]):
-        out[f"X_{name}"], out[f"Y_{name}"] = X[lo:hi], Y[lo:hi]
-    return out
-

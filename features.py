@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.utils.data
 from torch import nn
 
 import encoding
@@ -65,15 +66,23 @@ def prefetched(fetch, items):
 
 
 def read_rows(images: np.ndarray, rows: np.ndarray, pin: bool = False) -> torch.Tensor:
-    """images[rows] (sorted rows read from the uint8 memmap) as a CPU uint8 tensor, pinned for CUDA copies."""
+    """images[rows] (sorted rows read from the uint8 memmap) as a CPU uint8 tensor, pinned for CUDA copies.
+
+    Inside a DataLoader worker it is written straight into shared memory (handed over without another copy).
+    """
     rows = np.asarray(rows, dtype=np.int64)
     if rows.size and (rows.min() < 0 or rows.max() >= len(images)):
         raise IndexError(f"image rows {rows.min()}..{rows.max()} out of range for {len(images)} images")
-    if pin:
-        buf = torch.empty((len(rows),) + tuple(images.shape[1:]), dtype=torch.uint8, pin_memory=True)
-        np.take(images, rows, axis=0, out=buf.numpy())
-        return buf
-    return torch.from_numpy(np.ascontiguousarray(images[rows]))
+    shape = (len(rows),) + tuple(images.shape[1:])
+    if torch.utils.data.get_worker_info() is not None:
+        storage = torch.UntypedStorage._new_shared(int(np.prod(shape)))  # as default_collate does in workers
+        buf = torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
+    elif pin:
+        buf = torch.empty(shape, dtype=torch.uint8, pin_memory=True)
+    else:
+        return torch.from_numpy(np.ascontiguousarray(images[rows]))
+    np.take(images, rows, axis=0, out=buf.numpy())
+    return buf
 
 
 _CPU_BF16: list = []
@@ -195,72 +204,94 @@ def _indices_hash(indices) -> str:
     return hashlib.sha1(np.ascontiguousarray(indices, dtype=np.int64).tobytes()).hexdigest()[:10]
 
 
-def layer_features(out_dir, subject: int, spec: str, layers, image_cache, split: dict, split_names,
-                   image_size: int, pca_components: int = 1000, seed: int = 0, device=None,
-                   batch_size: int = 128, memory_gb: float = 8.0) -> dict:
-    """{layer: {split_name: n x d float32}} for one subject's images through one backbone.
+def layer_features(out_dir, subject: int, spec: str, layers, image_sets: dict, image_size: int,
+                   pca_components: int = 1000, seed: int = 0, device=None, batch_size: int = 128) -> dict:
+    """{layer: {set name: n x d float32}} of image sets (name -> (uint8 N x 3 x S x S images, row indices)).
 
-    Layers wider than pca_components are reduced by a PCA fitted on the train split only. Results are
-    cached under out_dir/features/subjXX/<backbone tag>/ keyed by layer, image size, PCA size and the
-    split's image indices; missing layers are extracted together in as few passes as memory allows.
+    Layers wider than pca_components are reduced by a PCA fitted on the 'train' set only (which must be given;
+    the fitted PCA is saved, so a set asked for later is projected by the same PCA). Everything missing comes
+    from ONE forward pass over the images of the sets that need it; raw activations are streamed to temporary
+    files on disk, so memory holds one layer's train activations at a time (for its PCA).
+    Cached under out_dir/features/subjXX/<backbone tag>/, keyed by layer, image size, PCA size and row indices.
     """
     layers = list(layers)
+    if "train" not in image_sets:
+        raise ValueError("layer_features needs a 'train' image set (the PCA is fitted on it)")
     cache_dir = Path(out_dir) / "features" / utils.subject_dir_name(subject) / backbone_spec_tag(spec)
-    train_hash = _indices_hash(split["train"])
+    train_key = f"{image_size}px_pca{pca_components}-{_indices_hash(image_sets['train'][1])}"
 
-    def file_of(layer, split_name):
-        split_hash = _indices_hash(split[split_name])
-        return cache_dir / f"{layer}_{image_size}px_pca{pca_components}-{train_hash}_{split_name}-{split_hash}.npy"
+    def file_of(layer, name):
+        images, rows = image_sets[name]
+        return cache_dir / f"{layer}_{train_key}_{name}{len(images)}-{_indices_hash(rows)}.npy"
 
     def pca_file(layer):
-        return cache_dir / f"{layer}_{image_size}px_pca{pca_components}-{train_hash}_pca.npz"
+        return cache_dir / f"{layer}_{train_key}_pca.npz"
 
-    out = {layer: {} for layer in layers}
-    missing = [(layer, s) for layer in layers for s in split_names if not file_of(layer, s).is_file()]
-    for layer, s in [(layer, s) for layer in layers for s in split_names if (layer, s) not in missing]:
-        out[layer][s] = np.load(file_of(layer, s))
-    if not missing:
-        return out
-
-    # A wide layer's PCA is fitted on its train features: extract those too where not cached yet.
-    missing += [(layer, "train") for layer in {layer for layer, _ in missing}
-                if (layer, "train") not in missing and not file_of(layer, "train").is_file()]
-    backbone = load_backbone(spec, device)
-    for split_name in ["train"] + sorted({s for _, s in missing} - {"train"}):
-        todo = [layer for layer, s in missing if s == split_name]
-        if not todo:
-            continue
-        idx = split[split_name]
-        for group in _layer_groups(backbone, todo, image_cache, idx, memory_gb, device):
-            raw = extract_features(backbone, image_cache, idx, group, batch_size=batch_size, device=device,
-                                          desc=f"{utils.subject_dir_name(subject)} {split_name} features")
-            for layer in group:
-                feats = raw.pop(layer)
-                if feats.shape[1] > pca_components:
-                    if split_name == "train":
-                        pca = encoding.fit_pca(feats, pca_components, seed)
-                        outputs.save_npz(pca_file(layer), {"mean": pca.mean_.astype(np.float32),
-                                                         "components": pca.components_.astype(np.float32)},
-                                       {"layer": layer, "pca_components": pca_components, "seed": seed},
-                                       backbone=spec, subject=subject)
-                    pca = np.load(pca_file(layer))
-                    feats = (feats - pca["mean"]) @ pca["components"].T
-                feats = np.ascontiguousarray(feats, dtype=np.float32)
-                outputs.save_npy(file_of(layer, split_name), feats)
-                if split_name in split_names:
-                    out[layer][split_name] = feats
-    return out
-
-
-def _layer_groups(backbone, layers, image_cache, indices, memory_gb: float, device):
-    """Split layers into groups whose raw features fit in memory_gb (one pass over the images per group)."""
-    dims = feature_dims(backbone, layers, image_cache.shape[-1])
-    groups, current, used = [], [], 0.0
+    todo = {}  # layer -> the sets to extract (every set when the layer's train features or PCA must be made)
     for layer in layers:
-        need = len(indices) * dims[layer] * 4 / 2**30
-        if current and used + need > memory_gb:
-            groups.append(current)
-            current, used = [], 0.0
-        current.append(layer)
-        used += need
-    return groups + ([current] if current else [])
+        missing = [name for name in image_sets if not file_of(layer, name).is_file()]
+        if missing:
+            # cached train features come with their saved PCA (saved first) when the layer is wide
+            todo[layer] = missing if file_of(layer, "train").is_file() else list(image_sets)
+    if todo:
+        _extract_and_reduce(spec, todo, image_sets, cache_dir, file_of, pca_file, pca_components, seed, device,
+                            batch_size, f"{utils.subject_dir_name(subject)} {Path(spec).parent.name or spec}")
+    return {layer: {name: np.load(file_of(layer, name)) for name in image_sets} for layer in layers}
+
+
+def _extract_and_reduce(spec, todo: dict, image_sets, cache_dir, file_of, pca_file, pca_components, seed, device,
+                        batch_size, desc):
+    """One pass over the images of the sets in todo (layer -> set names) for their layers (raw activations to
+    temporary .npy files), then each wide layer's PCA (fitted on train, or the saved one) applied."""
+    backbone = load_backbone(spec, device)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    raw = {}
+    try:
+        for name, (images, rows) in image_sets.items():
+            layers = [layer for layer, names in todo.items() if name in names]
+            if not layers:
+                continue
+            dims = feature_dims(backbone, layers, images.shape[-1])
+            raw[name] = {layer: np.lib.format.open_memmap(
+                cache_dir / f".{layer}_{name}_raw.tmp.npy", mode="w+", dtype=np.float32,
+                shape=(len(rows), dims[layer])) for layer in layers}
+            extract_features(backbone, images, rows, layers, batch_size=batch_size, device=device,
+                             desc=f"{desc} {name} features", out=raw[name])
+        for layer, names in todo.items():
+            width = raw[names[0]][layer].shape[1]
+            pca = None
+            if width > pca_components:
+                if "train" in names:
+                    pca = encoding.fit_pca(np.asarray(raw["train"][layer]), pca_components, seed, device)
+                    outputs.save_npz(pca_file(layer), encoding.pca_arrays(pca), {"pca_components": pca_components,
+                                                                                 "seed": seed}, backbone=spec)
+                else:
+                    pca = encoding.pca_from_arrays(np.load(pca_file(layer)))
+            for name in names:
+                feats = raw[name][layer]
+                if pca is not None:  # the fitted PCA's own transform, in row chunks
+                    feats = np.concatenate([pca.transform(feats[i:i + 4096]) for i in range(0, len(feats), 4096)]
+                                           or [np.empty((0, pca.n_components_), dtype=np.float32)])
+                outputs.save_npy(file_of(layer, name), np.ascontiguousarray(feats, dtype=np.float32))
+                path = Path(raw[name].pop(layer).filename)  # free the disk as soon as a layer is done
+                path.unlink(missing_ok=True)
+    finally:
+        for name in raw:
+            for layer in list(raw[name]):
+                Path(raw[name].pop(layer).filename).unlink(missing_ok=True)
+
+
+def subject_image_sets(subject_data: utils.Subject, splits=utils.SPLIT_NAMES, challenge_images=None) -> dict:
+    """The image sets of one subject for layer_features: its train/val/test rows (+ the challenge test images)."""
+    sets = {name: (subject_data.images, subject_data.split[name]) for name in splits}
+    if challenge_images is not None:
+        sets["challenge"] = (challenge_images, np.arange(len(challenge_images)))
+    return sets
+
+
+def drop_cached_layers(out_dir, subject: int, spec: str, keep) -> None:
+    """Delete a backbone's cached features except the kept layers (a tuned search needs only its chosen one)."""
+    cache_dir = Path(out_dir) / "features" / utils.subject_dir_name(subject) / backbone_spec_tag(spec)
+    for path in cache_dir.glob("*.npy*") if cache_dir.is_dir() else ():
+        if path.name.split("_", 1)[0] not in keep and not path.name.endswith((".tmp.npy",)):
+            path.unlink(missing_ok=True)

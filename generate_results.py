@@ -1,7 +1,11 @@
-"""The paper's results: untuned vs reg-tuned vs CL-tuned AlexNet features.
+"""The paper's results: untuned vs reg-tuned vs CL-tuned (and pooled) AlexNet features, compared fairly.
 
---result_type=single-subj          per-ROI test accuracy of the three feature sets, % voxels improved, statistics
---result_type=cross-subj           each subject's tuned backbone used for every other subject (N x N matrices)
+Every feature set gets the same treatment (layer search, PCA, alpha selection, statistics; see study.py).
+--result_type=single-subj          per ROI: layer, mean and median test r, challenge score, % voxels improved,
+                                   bootstrap CIs and permutation p over test images (FDR across ROIs), CL retrieval;
+                                   group table and across-subject tests (subjects as the unit, >= 3 subjects)
+--result_type=cross-subj           each subject's tuned backbone used for every other subject (N x N matrices) and
+                                   pooled backbones trained without the encoded subject (leave-one-subject-out)
 --result_type=classification-task  linear probes of the backbones on an image-classification dataset
 --result_type=all                  all three
 Tables (.csv/.npy/.md) and figures (.png) go to results_dir, each with a .meta.json sidecar.
@@ -14,33 +18,46 @@ result_type = "all"                         # single-subj | cross-subj | classif
 subjects = []                               # [] = every subject in data_dir
 hemispheres = ["lh", "rh"]                  # hemispheres to evaluate
 rois = []                                   # single-subj ROIs; [] = all 31 (empty ones reported)
+feature_sets = ["untuned", "reg", "cl", "pooled-reg", "pooled-cl"]  # sets compared (missing models: empty cells)
+comparisons = ["cl:untuned", "cl:reg", "pooled-cl:untuned", "pooled-cl:cl", "pooled-reg:reg"]  # set:baseline
+pooled_h_method = "constant"                # which pooled CL models: constant (h = 5741) | average
 cross_subj_rois = ["V1v", "FFA-1", "PPA", "EBA", "VWFA-1"]  # ROIs for the cross-subject matrices
-methods = ["cl", "reg"]                     # tuned models to compare
-checkpoint = "best"                         # best (val-selected) or last checkpoint of each model
+methods = ["cl", "reg"]                     # per-subject tuned sets in the cross-subject matrices and probes
+checkpoint = "best"                         # best (val-selected) or last (final epoch) checkpoint of each model
 weights = "IMAGENET1K_V1"                   # untuned AlexNet weights (as in get_best_alex_layer.py)
 image_size = 224                            # pixels fed to AlexNet (as in training)
-tuned_layer = "classifier.6"                # tuned-backbone layer used as encoding features
-pca_components = 1000                       # PCA size for wide untuned layers (fitted on train only)
-alpha_mode = "per-voxel"                    # per-voxel (alpha chosen on val) | paper (fixed 1e3 / 1e4)
-alphas = [1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7]  # ridge alpha grid in per-voxel mode
+tuned_layer = "best"                        # best: each tuned backbone searched over `layers` like the untuned
+                                            # one | untuned: the ROI's best untuned layer (2023 original) | a layer
+layers = []                                 # searched for tuned backbones (best); [] = models.ALEXNET_LAYERS
+alpha_holdout = 0.1                         # fraction of train that chooses alphas in the layer search
+layer_statistic = "median"                  # median | mean (2023 original) val r that picks a tuned set's layer
+keep_search_features = False                # keep every searched layer's cached features (else only the chosen)
+pca_components = 1000                       # PCA size for wide layers (fitted on train only)
+alpha_mode = "per-voxel"                    # per-voxel | per-roi (one alpha per ROI, 2023 original) (chosen on
+                                            # val) | paper (fixed 1e3 untuned / 1e4 tuned)
+alphas = []                                 # ridge alpha grid; [] = encoding.ALPHAS
+noise_ceiling_dir = ""                      # subjXX/{lh,rh}_noise_ceiling.npy (fractions or %); "" = the data's own
 n_bootstrap = 1000                          # bootstrap resamples of test images for CIs
+n_permutations = 1000                       # permutations (swaps over test images) for p-values
+retrieval_candidates = 300                  # CL retrieval among this many test images (MindEye: 300)
+min_subjects = 3                            # across-subject tests need this many subjects with both sets
 split_seed = 0                              # seed of the train/val/test split (read back from out_dir)
-seed = 0                                    # PCA, bootstrap and probe-split seed
+seed = 0                                    # PCA, bootstrap, permutation and probe-split seed
 batch_size = 128                            # images per forward pass
-feature_memory_gb = 8.0                     # raw activations held at once
 device = "auto"                             # auto (cuda if present), cpu, cuda, ...
 classification_dataset = "imagefolder"      # imagefolder | caltech256 | places365 | sun397 | imagenet
 classification_root = ""                    # dataset folder; "" = <data_dir>/imagefolder (the demo's)
-classification_max_per_class = 100          # images per class used for the probe
+classification_max_per_class = 0           # images per class used for the probe (0 = all, as the original)
 classification_subjects = []                # backbones' subjects for the probe; [] = all
 classification_rois = ["FFA-1", "PPA", "EBA", "VWFA-1", "V1v"]  # backbones' ROIs for the probe
-probe_layer = "classifier.6"                # layer whose features the linear probe reads
-probe_test_fraction = 0.15                  # held-out fraction of the probe's seeded split
+probe_layer = "classifier.5"                # layer the linear probe reads (original: classifier.5, fc7)
+probe_test_fraction = 0.15                  # held-out fraction of the probe's seeded split (original: 85/15)
 # ---------------------------------------------------------------------
 from pathlib import Path
 
 import numpy as np
 
+import encoding
 import features
 import models
 import options
@@ -52,15 +69,22 @@ import study as encoding_study
 import utils
 
 config = options.apply_options(globals())
-types = ["single-subj", "cross-subj", "classification-task"] if result_type == "all" else [result_type]
-if not set(types) <= {"single-subj", "cross-subj", "classification-task"}:
+result_types = ["single-subj", "cross-subj", "classification-task"] if result_type == "all" else [result_type]
+if not set(result_types) <= {"single-subj", "cross-subj", "classification-task"}:
     raise utils.OptionsError(f"--result_type={result_type}: expected single-subj, cross-subj, classification-task "
                              "or all")
+unknown_sets = set(feature_sets) - set(encoding_study.FEATURE_SETS)
+if unknown_sets or "untuned" not in feature_sets:
+    raise utils.OptionsError(f"--feature_sets={feature_sets}: expected 'untuned' and sets among "
+                             + ", ".join(encoding_study.FEATURE_SETS))
+pairs = results_utils.parse_comparisons(comparisons, feature_sets)
 subject_list = utils.resolve_subjects(data_dir, subjects)
+torch_device = options.resolve_device(device)
 study = encoding_study.EncodingStudy(data_dir, out_dir, hemispheres, weights, image_size, split_seed, pca_components,
-                                     seed, batch_size, feature_memory_gb, alpha_mode, alphas, tuned_layer,
-                                     checkpoint, options.resolve_device(device))
-if {"single-subj", "cross-subj"} & set(types):
+                                     seed, batch_size, alpha_mode, alphas or encoding.ALPHAS, tuned_layer,
+                                     checkpoint, torch_device, layers or models.ALEXNET_LAYERS, alpha_holdout,
+                                     keep_search_features, noise_ceiling_dir or None, layer_statistic, pooled_h_method)
+if {"single-subj", "cross-subj"} & set(result_types):
     for subject in subject_list:  # validate every subject (and the best-layer files) before writing anything
         study.subject(subject)
         for hemi in hemispheres:
@@ -68,48 +92,76 @@ if {"single-subj", "cross-subj"} & set(types):
 results = Path(results_dir)
 roi_list = utils.check_roi_names(rois) if rois else list(utils.ROI_NAMES)
 
-if "single-subj" in types:
+# ---- single subject: per ROI, every feature set and comparison ----
+if "single-subj" in result_types:
     all_rows = []
     for subject in subject_list:
         for hemi in hemispheres:
-            rows, voxel_r, missing = results_utils.single_subject_rows(study, subject, hemi, roi_list,
-                                                                       n_bootstrap, seed)
-            for method, absent in missing.items():
-                print(f"note: subj{subject:02d} {hemi}: no {method} model for {len(absent)} ROI(s) "
-                      f"({', '.join(absent)}); their cells are left empty (NaN)")
+            rows, voxel_r, missing = results_utils.single_subject_rows(
+                study, subject, hemi, roi_list, feature_sets, pairs, n_bootstrap, n_permutations, seed,
+                retrieval_candidates)
+            for feature_set, absent in missing.items():
+                print(f"note: subj{subject:02d} {hemi}: no {feature_set} model for {len(absent)} ROI(s) "
+                      f"({', '.join(absent)}); their cells are left empty")
             base = results / utils.subject_dir_name(subject) / f"single_subj_{hemi}"
             outputs.save_csv(base.with_suffix(".csv"), rows, config, **study.provenance())
-            outputs.save_npz(base.with_name(base.name + "_voxel_r.npz"), voxel_r, config,
-                             rows=["untuned", "reg", "cl"], metric="test Pearson r per voxel", **study.provenance())
+            outputs.save_npz(base.with_name(base.name + "_voxel_r.npz"), voxel_r, config, rows=feature_sets,
+                             metric="test Pearson r per voxel", **study.provenance())
             title = f"{utils.subject_dir_name(subject)} {hemi}"
-            outputs.save_text(base.with_suffix(".md"), f"## {title}: median test Pearson r per ROI\n\n"
-                              + outputs.markdown_table(rows, results_utils.SINGLE_SUBJ_COLUMNS), config)
+            outputs.save_text(base.with_suffix(".md"), f"## {title}: test-split encoding accuracy per ROI\n\n"
+                              + results_utils.markdown_report(rows, feature_sets, pairs), config)
             nonempty = [r for r in rows if r["n_voxels"]]
             outputs.save_figure(base.with_name(base.name + "_bars.png"), plots.plot_roi_bars(
-                nonempty, ["untuned", "reg", "cl"], f"{title}: encoding accuracy per ROI"), config)
-            outputs.save_figure(base.with_name(base.name + "_voxel_differences.png"),
-                                plots.plot_voxel_differences(
-                                    {roi: v[2] - v[0] for roi, v in voxel_r.items()},
-                                    f"{title}: CL-tuned minus untuned, per voxel", "r(CL) - r(untuned)"), config)
+                nonempty, feature_sets, f"{title}: encoding accuracy per ROI (bars: median, dots: mean)"), config)
+            for a, b in pairs:
+                k_a, k_b = feature_sets.index(a), feature_sets.index(b)
+                differences = {roi: v[k_a] - v[k_b] for roi, v in voxel_r.items() if np.isfinite(v[k_a]).any()
+                               and np.isfinite(v[k_b]).any()}
+                if differences:
+                    outputs.save_figure(base.with_name(f"{base.name}_{a}_vs_{b}_voxel_differences.png"),
+                                        plots.plot_voxel_differences(
+                                            differences, f"{title}: {a} minus {b}, per voxel",
+                                            f"r({a}) - r({b})"), config)
+            for feature_set in (s for s in feature_sets if s != "untuned"):
+                scores = study.layer_scores(feature_set, subject, hemi, roi_list)
+                if np.isfinite(scores).any():
+                    outputs.save_npy(base.with_name(f"{base.name}_layer_scores_{feature_set}.npy"), scores, config,
+                                     rows=study.layers, columns=roi_list, metric="median val Pearson r")
             all_rows += rows
-    summary = results_utils.group_table(all_rows)
+    if any(k.startswith("top1_of_") for r in all_rows for k in r):
+        outputs.save_figure(results / "retrieval.png", plots.plot_retrieval(all_rows, feature_sets), config)
+    summary = results_utils.group_table(all_rows, feature_sets, pairs)
+    across = results_utils.across_subject_table(all_rows, feature_sets, pairs, min_subjects)
     outputs.save_csv(results / "single_subj_summary.csv", summary, config, **study.provenance())
+    outputs.save_csv(results / "across_subjects.csv", across, config, unit="subject",
+                     tests="paired t (scipy ttest_rel) and Wilcoxon signed-rank over subjects' ROI median r")
+    n_subjects = max((t["n_subjects"] for t in across), default=0)
+    note = ("" if n_subjects >= min_subjects else
+            f"\n(only {n_subjects} subject(s) have both sets of a comparison: the across-subject tests need "
+            f"{min_subjects}, so their p-values are empty)\n")
     outputs.save_text(results / "single_subj_summary.md",
-                      "## Median test Pearson r, averaged over ROIs, subjects and hemispheres\n\n"
-                      + outputs.markdown_table(summary), config)
+                      "## Test-split r averaged over ROIs, subjects and hemispheres (ROIs where every set has a "
+                      "score)\n\n" + outputs.markdown_table(summary)
+                      + "\n## Across subjects: paired tests over subjects' ROI median r\n" + note + "\n"
+                      + outputs.markdown_table(across, ["hemisphere", "roi", "method_a", "method_b", "n_subjects",
+                                                        "mean_diff", "t", "p_t", "p_t_fdr", "W", "p_w", "p_w_fdr"]),
+                      config)
     print(outputs.format_table(summary))
 
-if "cross-subj" in types:
+# ---- cross subject: each backbone on every subject; pooled backbones without the encoded subject ----
+if "cross-subj" in result_types:
     cross_rois = utils.check_roi_names(cross_subj_rois)
+    loso_rows = []
     for hemi in hemispheres:
         for roi in cross_rois:
             for method in methods:
-                median_r, improved = results_utils.cross_subject_matrices(study, subject_list, hemi, roi, method)
+                median_r, mean_r, improved = results_utils.cross_subject_matrices(study, subject_list, hemi, roi,
+                                                                                  method)
                 base = results / "cross_subj" / f"{method}_{hemi}_{roi}"
                 extra = {"rows": "source subject (backbone)", "columns": "target subject", "subjects": subject_list,
                          **study.provenance()}
-                outputs.save_npy(base.with_name(base.name + "_median_r.npy"), median_r, config, **extra)
-                outputs.save_npy(base.with_name(base.name + "_pct_improved.npy"), improved, config, **extra)
+                for name, matrix in (("median_r", median_r), ("mean_r", mean_r), ("pct_improved", improved)):
+                    outputs.save_npy(base.with_name(f"{base.name}_{name}.npy"), matrix, config, **extra)
                 outputs.save_figure(base.with_name(base.name + "_median_r.png"), plots.plot_transfer_matrix(
                     median_r, subject_list, f"{method.upper()}-tuned {roi} {hemi}: median test r",
                     "median Pearson r (test split)"), config)
@@ -118,31 +170,44 @@ if "cross-subj" in types:
                     "% of target voxels improved"), config)
                 print(f"cross-subj {method} {hemi} {roi}: mean off-diagonal median r "
                       f"{results_utils.off_diagonal_mean(median_r):.3f}, diagonal {np.nanmean(np.diag(median_r)):.3f}")
+            loso_rows += results_utils.leave_one_subject_out_rows(study, subject_list, hemi, roi, feature_sets)
+    if loso_rows:
+        outputs.save_csv(results / "cross_subj" / "pooled_leave_one_subject_out.csv", loso_rows, config,
+                         **study.provenance())
+        outputs.save_text(results / "cross_subj" / "pooled_leave_one_subject_out.md",
+                          "## Pooled backbones on a subject they were not trained on (leave-one-subject-out)\n\n"
+                          + outputs.markdown_table(loso_rows), config)
+        outputs.save_figure(results / "cross_subj" / "pooled_leave_one_subject_out.png",
+                            plots.plot_leave_one_subject_out(loso_rows), config)
 
-if "classification-task" in types:
+# ---- classification: linear probes of every backbone on one dataset ----
+if "classification-task" in result_types:
     root = Path(classification_root) if classification_root else Path(data_dir) / "imagefolder"
-    images, labels, classes = probes.load_classification_images(
-        classification_dataset, root, image_size, classification_max_per_class, seed)
+    images, labels, classes = probes.probe_image_cache(classification_dataset, root, out_dir,
+                                                       classification_max_per_class, seed)
     backbones = [("untuned", 0, "", "", f"untuned:{weights}")]
-    for subject in utils.resolve_subjects(data_dir, classification_subjects):
-        for hemi in hemispheres:
-            for roi in utils.check_roi_names(classification_rois):
+    for hemi in hemispheres:
+        for roi in utils.check_roi_names(classification_rois):
+            for subject in utils.resolve_subjects(data_dir, classification_subjects):
                 for method in methods:
                     ckpt = models.checkpoint_path(out_dir, method, subject, hemi, roi, checkpoint)
                     if ckpt.is_file():
                         backbones.append((method, subject, hemi, roi, str(ckpt)))
                     else:
                         print(f"note: no {method} model for subj{subject:02d} {hemi} {roi}: skipped in the probe")
+            for feature_set in (s for s in feature_sets if s in encoding_study.POOLED_SETS):
+                ckpt = study.checkpoint_of(feature_set, None, hemi, roi)
+                if ckpt is not None:
+                    backbones.append((feature_set, 0, hemi, roi, str(ckpt)))
     rows = []
-    for method, subject, hemi, roi, spec in backbones:
-        backbone = features.load_backbone(spec, study.device)
-        feats = features.extract_features(backbone, images, np.arange(len(images)), [probe_layer],
-                                          batch_size=batch_size, device=study.device,
-                                          desc=f"probe features {method} {roi}")[probe_layer]
+    for method, subject, hemi, roi, spec in backbones:  # one forward pass per backbone
+        backbone = features.load_backbone(spec, torch_device)
+        feats = features.extract_features(backbone, images, None, [probe_layer], batch_size=batch_size,
+                                          device=torch_device, desc=f"probe features {method} {hemi} {roi}")
         rows.append({"method": method, "subject": subject, "hemisphere": hemi, "roi": roi,
-                     "accuracy": probes.linear_probe_accuracy(feats, labels, probe_test_fraction, seed),
+                     "accuracy": probes.linear_probe_accuracy(feats[probe_layer], labels, probe_test_fraction, seed),
                      "chance": float(np.max(np.bincount(labels)) / len(labels)), "n_images": len(labels),
-                     "n_classes": len(classes), "checkpoint": spec})
+                     "n_classes": len(classes), "layer": probe_layer, "checkpoint": spec})
     name = f"classification_{classification_dataset}"
     outputs.save_csv(results / "classification" / f"{name}.csv", rows, config, classes=classes,
                      **study.provenance())

@@ -15,6 +15,19 @@ import options
 import outputs
 import utils
 
+def format_roi_size_table(sizes: dict) -> str:
+    """Text table of ROI voxel counts: rows ROIs, columns (subject, hemi); empty ROIs marked."""
+    columns = sorted(sizes)
+    header = f"{'ROI':<12}" + "".join(f"{utils.subject_dir_name(s) + ' ' + h:>12}" for s, h in columns)
+    lines = [header, "-" * len(header)]
+    row_names = list(utils.ROI_NAMES) + sorted({k for c in columns for k in sizes[c]} - set(utils.ROI_NAMES))
+    for name in row_names:
+        cells = [sizes[c].get(name) for c in columns]
+        lines.append(f"{name:<12}" + "".join(f"{'empty' if v == 0 else ('-' if v is None else v):>12}"
+                                             for v in cells))
+    return "\n".join(lines)
+
+
 config = options.apply_options(globals())
 subject_list = utils.resolve_subjects(data_dir, subjects)
 # validate every subject before writing anything
@@ -31,5 +44,5 @@ for subject, d in subject_data.items():
         sizes[(subject, hemi)] = {name: len(idx) for name, idx in indices.items()}
         sizes[(subject, hemi)]["(vertices)"] = d.n_vertices[hemi]
 
-print(utils.format_roi_size_table(sizes))
+print(format_roi_size_table(sizes))
 print(f"wrote voxel-ROI mappings of {len(subject_list)} subject(s) to {Path(out_dir) / 'voxel_roi_mappings'}")

@@ -700,6 +700,37 @@ def simulate_fmri(features: np.ndarray, tuning: dict, noise_level: float, rng,
 
 
 # ---------------------------------------------------------------------------------------------
+# Synthetic encoding data (features -> responses) for tests and benchmark.py.
+# ---------------------------------------------------------------------------------------------
+
+
+def make_synthetic_encoding_data(n_train: int = 800, n_val: int = 200, n_test: int = 300, n_features: int = 100,
+                                 n_voxels: int = 500, rank: int = 20, seed: int = 0) -> dict:
+    """Features and responses with a planted low-rank linear signal (float32 arrays).
+
+    Features mix `rank` latent factors with unequal scales (unnormalised, spread-out eigenvalues);
+    each voxel reads the latents with its own signal strength (some none), so the best alpha varies.
+    Returns X_train, Y_train, X_val, Y_val, X_test, Y_test.
+    """
+    rng = np.random.default_rng(seed)
+    n_all = n_train + n_val + n_test
+    latents = rng.standard_normal((n_all, rank), dtype=np.float32)
+    mixing = rng.standard_normal((rank, n_features), dtype=np.float32)
+    scales = np.logspace(0, -2, n_features).astype(np.float32)
+    X = (latents @ mixing + rng.standard_normal((n_all, n_features), dtype=np.float32)) * scales + 0.5
+    readout = rng.standard_normal((rank, n_voxels), dtype=np.float32) / np.float32(np.sqrt(rank))
+    readout *= np.linspace(0.0, 1.0, n_voxels, dtype=np.float32)  # signal strength 0 .. 1 across voxels
+    Y = latents @ readout
+    for start in range(0, n_all, 2048):  # add noise in row blocks to avoid a second full-size temporary
+        Y[start:start + 2048] += rng.standard_normal((min(2048, n_all - start), n_voxels), dtype=np.float32)
+    bounds = np.cumsum([0, n_train, n_val, n_test])
+    out = {}
+    for name, lo, hi in zip(("train", "val", "test"), bounds[:-1], bounds[1:]):
+        out[f"X_{name}"], out[f"Y_{name}"] = X[lo:hi], Y[lo:hi]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
 # The dataset.
 # ---------------------------------------------------------------------------------------------
 

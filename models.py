@@ -1,6 +1,7 @@
-"""The CL and reg ROI models on an AlexNet backbone, the contrastive loss (across ranks) and the one checkpoint format."""
+"""The CL and reg ROI models (per subject or pooled over subjects), the contrastive loss across ranks, checkpoints."""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,10 @@ import utils
 ALEXNET_LAYERS = ("features.2", "features.5", "features.7", "features.9", "features.12",
                   "classifier.2", "classifier.5", "classifier.6")
 METHODS = ("cl", "reg")
-CHECKPOINT_FORMAT = "roi_model_v1"
+BACKBONES = ("alexnet", "tiny")  # "tiny": a small stand-in conv net for tests where the backbone does not matter
+H_METHODS = ("subject", "constant", "average")  # CL hidden size: int(0.8 V) of one subject, 5741, mean V
+POOLED_H_CONSTANT = 5741       # the original pooled models' constant hidden size (h_max_dim)
+CHECKPOINT_FORMAT = "roi_model_v2"  # v2: model_spec, subjects, a bias-free last head layer, per-subject projections
 
 
 # ---------------------------------------------------------------------------------------------
@@ -61,7 +65,24 @@ def build_alexnet(weights: str = "IMAGENET1K_V1") -> nn.Module:
     return model
 
 
-_NORM_CACHE: dict = {}
+def build_tiny_backbone() -> nn.Module:
+    """A small conv net with AlexNet's 1000-way output and a dropout layer: a fast stand-in for tests."""
+    return nn.Sequential(nn.Conv2d(3, 8, 5, stride=4, padding=2), nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(4),
+                         nn.Flatten(), nn.Dropout(0.5), nn.Linear(8 * 4 * 4, 1000))
+
+
+def build_backbone(backbone: str = "alexnet", weights: str = "IMAGENET1K_V1", dropout: float = 0.5) -> nn.Module:
+    """The image network of a ROI model: 'alexnet' (weights as build_alexnet) or 'tiny' (random init only)."""
+    if backbone == "alexnet":
+        net = build_alexnet(weights)
+    elif backbone == "tiny":
+        if weights is not None and str(weights).lower() not in ("none", ""):
+            raise utils.DataError(f"backbone 'tiny' has no pretrained weights (got weights={weights!r}); "
+                                  "use --weights=none")
+        net = build_tiny_backbone()
+    else:
+        raise utils.DataError(f"unknown backbone {backbone!r}; expected one of {', '.join(BACKBONES)}")
+    return set_dropout(net, dropout)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -122,50 +143,121 @@ class DistBatchNorm1d(nn.BatchNorm1d):
         return y.to(x.dtype)
 
 
-class CLModel(nn.Module):
-    """Paper CL model: AlexNet (1000 outputs) -> image projection, fMRI projection, one shared MLP head."""
+def cl_dims(voxel_counts, h_method: str = "subject") -> tuple[int, int]:
+    """(hidden h, embedding z) of a CL model: z = int(0.25 h) and h by h_method, as in the original code.
 
-    def __init__(self, n_voxels: int, weights: str = "IMAGENET1K_V1", dropout: float = 0.5):
+    'subject': h = int(0.8 V) of a per-subject model (then z = int(0.2 V) exactly, for every V);
+    'constant': h = 5741 (pooled); 'average': h = int(mean V) over the pooled subjects.
+    """
+    counts = [int(v) for v in voxel_counts]
+    if h_method == "subject":
+        if len(counts) != 1:
+            raise utils.DataError(f"h_method='subject' is for one subject, got {len(counts)}; use 'constant' or "
+                                  "'average' for pooled models")
+        hidden = int(counts[0] * 0.8)
+    elif h_method == "constant":
+        hidden = POOLED_H_CONSTANT
+    elif h_method == "average":
+        hidden = int(np.mean(counts))
+    else:
+        raise utils.DataError(f"unknown h_method {h_method!r}; expected one of {', '.join(H_METHODS)}")
+    return hidden, int(hidden * 0.25)
+
+
+def model_spec(method: str, voxel_counts, backbone: str = "alexnet", h_method: str = "subject") -> dict:
+    """The plain description a model is rebuilt from (kept in checkpoints): method, voxels per subject, sizes."""
+    check_method(method)
+    counts = [int(v) for v in np.atleast_1d(voxel_counts)]
+    if not counts or min(counts) < 1:
+        raise utils.DataError(f"voxel counts {counts}: expected one positive count per subject")
+    spec = {"method": method, "n_voxels": counts, "backbone": backbone}
+    if method == "cl":
+        spec["hidden"], spec["embed_dim"] = cl_dims(counts, h_method)
+    return spec
+
+
+class CLModel(nn.Module):
+    """The CL model: backbone (1000 outputs) -> image projection; one fMRI projection per subject; a shared head.
+
+    Head: Linear(h,h)-BN-ReLU-Linear(h,h)-BN-ReLU-Linear(h,z, no bias), as in the original. A per-subject
+    model is the one-subject case (h = int(0.8 V)); a pooled model shares backbone, image projection and head.
+    """
+
+    def __init__(self, n_voxels, hidden: int, embed_dim: int, weights: str = "IMAGENET1K_V1",
+                 dropout: float = 0.5, backbone: str = "alexnet"):
         super().__init__()
-        self.n_voxels = int(n_voxels)
-        self.hidden = int(0.8 * n_voxels)
-        self.embed_dim = int(0.2 * n_voxels)
-        self.backbone = set_dropout(build_alexnet(weights), dropout)
-        self.image_proj = nn.Linear(1000, self.hidden, bias=False)
-        self.fmri_proj = nn.Linear(self.n_voxels, self.hidden, bias=False)
+        self.n_voxels = [int(v) for v in n_voxels]
+        self.hidden, self.embed_dim = int(hidden), int(embed_dim)
+        self.spec = {"method": "cl", "n_voxels": self.n_voxels, "backbone": backbone, "hidden": self.hidden,
+                     "embed_dim": self.embed_dim}  # what checkpoints rebuild the model from
+        self.backbone = build_backbone(backbone, weights, dropout)
         h, z = self.hidden, self.embed_dim
+        self.image_proj = nn.Linear(1000, h, bias=False)
+        self.fmri_proj = nn.ModuleList(nn.Linear(v, h, bias=False) for v in self.n_voxels)
         self.head = nn.Sequential(nn.Linear(h, h), DistBatchNorm1d(h), nn.ReLU(inplace=True),
                                   nn.Linear(h, h), DistBatchNorm1d(h), nn.ReLU(inplace=True),
-                                  nn.Linear(h, z))
+                                  nn.Linear(h, z, bias=False))
 
     def embed_images(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.image_proj(self.backbone(images)))
 
-    def embed_fmri(self, fmri: torch.Tensor) -> torch.Tensor:
-        return self.head(self.fmri_proj(fmri))
+    def embed_fmri(self, fmri: torch.Tensor, source: int = 0) -> torch.Tensor:
+        """fMRI of subject number `source` (its position in n_voxels) -> embeddings."""
+        return self.head(self.fmri_proj[source](fmri))
 
-    def forward(self, images: torch.Tensor, fmri: torch.Tensor):
+    def forward(self, images: torch.Tensor, fmri: torch.Tensor, source: int = 0):
         """-> (fmri embeddings, image embeddings), both batch x z."""
-        return self.embed_fmri(fmri), self.embed_images(images)
+        return self.embed_fmri(fmri, source), self.embed_images(images)
 
 
 class RegModel(nn.Module):
-    """Regression baseline: AlexNet (1000 outputs) -> Linear(1000 -> voxels), trained with MSE."""
+    """Regression baseline: backbone (1000 outputs) -> one Linear(1000 -> V_s) read-out per subject, MSE."""
 
-    def __init__(self, n_voxels: int, weights: str = "IMAGENET1K_V1", dropout: float = 0.5):
+    def __init__(self, n_voxels, weights: str = "IMAGENET1K_V1", dropout: float = 0.5, backbone: str = "alexnet"):
         super().__init__()
-        self.n_voxels = int(n_voxels)
-        self.backbone = set_dropout(build_alexnet(weights), dropout)
-        self.readout = nn.Linear(1000, self.n_voxels)
+        self.n_voxels = [int(v) for v in n_voxels]
+        self.spec = {"method": "reg", "n_voxels": self.n_voxels, "backbone": backbone}
+        self.backbone = build_backbone(backbone, weights, dropout)
+        self.readout = nn.ModuleList(nn.Linear(1000, v) for v in self.n_voxels)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.readout(self.backbone(images))
+    def forward(self, images: torch.Tensor, source: int = 0) -> torch.Tensor:
+        return self.readout[source](self.backbone(images))
 
 
-def build_model(method: str, n_voxels: int, weights: str = "IMAGENET1K_V1", dropout: float = 0.5) -> nn.Module:
-    """CLModel for 'cl', RegModel for 'reg' (seed torch first for a reproducible init)."""
-    check_method(method)
-    return (CLModel if method == "cl" else RegModel)(n_voxels, weights, dropout)
+def model_from_spec(spec: dict, weights: str = "IMAGENET1K_V1", dropout: float = 0.5) -> nn.Module:
+    """The (untrained) model a model_spec describes; seed torch first for a reproducible init."""
+    backbone = spec.get("backbone", "alexnet")
+    if check_method(spec["method"]) == "cl":
+        return CLModel(spec["n_voxels"], spec["hidden"], spec["embed_dim"], weights, dropout, backbone)
+    return RegModel(spec["n_voxels"], weights, dropout, backbone)
+
+
+def build_model(method: str, n_voxels, weights: str = "IMAGENET1K_V1", dropout: float = 0.5,
+                backbone: str = "alexnet", h_method: str = "subject") -> nn.Module:
+    """CLModel for 'cl', RegModel for 'reg'; n_voxels: one count (per subject) or one per pooled subject."""
+    return model_from_spec(model_spec(method, n_voxels, backbone, h_method), weights, dropout)
+
+
+@contextlib.contextmanager
+def batch_statistics(model: nn.Module):
+    """Eval mode (dropout off), but BatchNorm normalises with each batch's statistics, as in training.
+
+    Running statistics are neither used nor updated (track_running_stats off inside the block); under
+    torch.distributed DistBatchNorm1d takes the statistics of the global batch, as in training.
+    """
+    modes = {m: m.training for m in model.modules()}
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    tracked = [m.track_running_stats for m in norms]
+    model.eval()
+    for m in norms:
+        m.training, m.track_running_stats = True, False
+    try:
+        yield model
+    finally:
+        for m, track in zip(norms, tracked):
+            m.track_running_stats = track
+        for m, mode in modes.items():
+            m.training = mode
 
 
 def check_method(method: str) -> str:
@@ -214,8 +306,8 @@ def gather_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def batch_loss(method: str, model: nn.Module, images: torch.Tensor, fmri: torch.Tensor,
-               temperature: float | None = None, symmetric: bool | None = False):
-    """Loss of one global batch from this rank's shard -> (tensor to backpropagate, global loss value).
+               temperature: float | None = None, symmetric: bool | None = False, source: int = 0):
+    """Loss of one global batch (of subject `source`) from this rank's shard -> (tensor to backpropagate, value).
 
     Under DDP (which averages gradients over ranks) the backpropagated tensor is scaled so the averaged
     gradient equals the single-process gradient on the whole global batch:
@@ -224,10 +316,10 @@ def batch_loss(method: str, model: nn.Module, images: torch.Tensor, fmri: torch.
     """
     world = _dist_world()
     if method == "cl":
-        fmri_emb, img_emb = model(images, fmri)
+        fmri_emb, img_emb = model(images, fmri, source)
         loss = contrastive_loss(gather_rows(fmri_emb), gather_rows(img_emb), temperature, symmetric)
         return loss * world, loss.detach()
-    pred = _upcast(model(images))
+    pred = _upcast(model(images, source))
     sse = ((pred - fmri) ** 2).sum()
     stats = torch.stack([sse.detach(), torch.tensor(float(pred.numel()), device=pred.device, dtype=sse.dtype)])
     if world > 1:
@@ -240,26 +332,71 @@ def batch_loss(method: str, model: nn.Module, images: torch.Tensor, fmri: torch.
 # ---------------------------------------------------------------------------------------------
 
 
+POOLED_METHODS = {"pooled-cl-hconst": ("cl", "constant"), "pooled-cl-havg": ("cl", "average"),
+                  "pooled-reg": ("reg", None)}  # folder name -> (method, h_method)
+
+
+def pooled_method_name(method: str, h_method: str | None = None) -> str:
+    """'pooled-cl-hconst' / 'pooled-cl-havg' (CL, by h_method) or 'pooled-reg': the pooled model's folder."""
+    for name, (m, h) in POOLED_METHODS.items():
+        if m == check_method(method) and (method == "reg" or h == h_method):
+            return name
+    raise utils.DataError(f"pooled CL models need h_method 'constant' or 'average', got {h_method!r}")
+
+
+def pooled_checkpoint_path(out_dir, method: str, hemi: str, roi: str, exclude_subject: int | None = None,
+                           which: str = "best", h_method: str | None = None) -> Path:
+    """out_dir/models/pooled-{cl-hconst,cl-havg,reg}/{hemi}/{roi}/[loso-subjXX/]{which}.pt.
+
+    exclude_subject: the leave-one-subject-out model trained without that subject.
+    """
+    folder = Path(out_dir) / "models" / pooled_method_name(method, h_method) / utils.check_hemisphere(hemi) / roi
+    if exclude_subject is not None:
+        folder = folder / f"loso-{utils.subject_dir_name(exclude_subject)}"
+    return folder / f"{_check_which(which)}.pt"
+
+
 def checkpoint_path(out_dir, method: str, subject: int, hemi: str, roi: str, which: str = "best") -> Path:
-    """out_dir/models/{method}/subjXX/{hemi}/{roi}/{which}.pt ('best' = lowest val loss, 'last' = for resuming)."""
+    """The checkpoint whose backbone gives `subject`'s tuned features for a method.
+
+    'cl' / 'reg': out_dir/models/{method}/subjXX/{hemi}/{roi}/{which}.pt ('best' = lowest val loss, 'last' =
+    final epoch and resume point); a pooled method ('pooled-cl-hconst', 'pooled-cl-havg', 'pooled-reg'): the
+    model pooled over all subjects; with '-loso' appended: the pooled model trained without `subject`.
+    """
+    loso = method.endswith("-loso")
+    pooled = method[:-len("-loso")] if loso else method
+    if pooled in POOLED_METHODS:
+        base, h_method = POOLED_METHODS[pooled]
+        return pooled_checkpoint_path(out_dir, base, hemi, roi, subject if loso else None, which, h_method)
+    return (Path(out_dir) / "models" / check_method(method) / utils.subject_dir_name(subject) / hemi / roi
+            / f"{_check_which(which)}.pt")
+
+
+def _check_which(which: str) -> str:
     if which not in ("best", "last"):
         raise ValueError(f"which={which!r}: expected 'best' or 'last'")
-    return Path(out_dir) / "models" / check_method(method) / utils.subject_dir_name(subject) / hemi / roi / f"{which}.pt"
+    return which
 
 
 def save_checkpoint(path, model: nn.Module, optimizer=None, scheduler=None, epoch: int = 0, options: dict | None = None,
-                    roi_voxel_indices=None, metrics: list | None = None, **extra) -> Path:
-    """Atomically torch.save {model, optimizer, scheduler, epoch, options, roi_voxel_indices, metrics, rng, ...}."""
+                    roi_voxel_indices=None, metrics: list | None = None, subjects=None, **extra) -> Path:
+    """Atomically torch.save {model, model_spec, subjects, roi_voxel_indices, optimizer, scheduler, epoch, ...}.
+
+    roi_voxel_indices: one index array per subject of the model (or one array for a per-subject model).
+    """
     model = getattr(model, "module", model)  # unwrap DDP
+    indices = roi_voxel_indices if roi_voxel_indices is not None else [[] for _ in model.n_voxels]
+    if len(indices) and np.ndim(indices[0]) == 0:  # one flat array: a per-subject model
+        indices = [indices]
     ckpt = {
         "format": CHECKPOINT_FORMAT,
         "model_class": type(model).__name__,
-        "n_voxels": int(getattr(model, "n_voxels", 0)),
+        "model_spec": outputs.plain(model.spec),
+        "subjects": [int(s) for s in subjects] if subjects is not None else [],
         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "epoch": int(epoch),
         "options": outputs.plain(options or {}, strict=False),
-        "roi_voxel_indices": torch.as_tensor(np.asarray(roi_voxel_indices if roi_voxel_indices is not None else [],
-                                                        dtype=np.int64)),
+        "roi_voxel_indices": [torch.as_tensor(np.asarray(i, dtype=np.int64)) for i in indices],
         "metrics": outputs.plain(metrics or [], strict=False),
         "rng": {"torch": torch.get_rng_state()},
     }
@@ -282,27 +419,36 @@ def load_checkpoint(path, map_location="cpu") -> dict:
         raise utils.DataError(f"{path}: unreadable checkpoint ({type(err).__name__}: "
                               f"{str(err).splitlines()[0] if str(err) else ''})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise utils.DataError(f"{path}: not a {CHECKPOINT_FORMAT} checkpoint (written by models.save_checkpoint)")
+        found = ckpt.get("format") if isinstance(ckpt, dict) else None
+        raise utils.DataError(f"{path}: not a {CHECKPOINT_FORMAT} checkpoint (written by models.save_checkpoint"
+                              + (f"; this one is {found}: retrain it)" if found else ")"))
     return ckpt
 
 
+def checkpoint_source_index(ckpt: dict, subject: int) -> int:
+    """Which of a checkpoint's fMRI projections (read-outs) is `subject`'s (0 for a per-subject model)."""
+    subjects = list(ckpt.get("subjects") or [])
+    if subject in subjects:
+        return subjects.index(subject)
+    if len(subjects) <= 1:
+        return 0
+    raise utils.DataError(f"subject {subject} is not one of this pooled model's subjects {subjects}")
+
+
 def load_roi_model(path, device="cpu") -> nn.Module:
-    """The whole tuned CL or reg model of a checkpoint (eval mode)."""
+    """The whole tuned CL or reg model of a checkpoint, per-subject or pooled (eval mode)."""
     ckpt = load_checkpoint(path)
-    method = {"CLModel": "cl", "RegModel": "reg"}.get(ckpt["model_class"])
-    if method is None:
-        raise utils.DataError(f"{path}: unknown model class {ckpt['model_class']!r}")
-    model = build_model(method, ckpt["n_voxels"], weights="none")
+    model = model_from_spec(ckpt["model_spec"], weights="none")
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval()
 
 
 def load_tuned_backbone(path, device="cpu") -> nn.Module:
-    """The fine-tuned AlexNet of a CL or reg checkpoint (eval mode), for feature extraction."""
+    """The fine-tuned backbone of a CL or reg checkpoint, per-subject or pooled (eval mode), for features."""
     ckpt = load_checkpoint(path)
     state = {k[len("backbone."):]: v for k, v in ckpt["model"].items() if k.startswith("backbone.")}
     if not state:
         raise utils.DataError(f"{path}: checkpoint holds no backbone weights")
-    backbone = build_alexnet("none")
+    backbone = build_backbone(ckpt["model_spec"].get("backbone", "alexnet"), "none")
     backbone.load_state_dict(state)
     return backbone.to(device).eval()

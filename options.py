@@ -104,18 +104,7 @@ def apply_options(script_globals: dict, argv: list[str] | None = None) -> dict:
                                + ", ".join(names))
         key, text = match.groups()
         if key == "config":
-            cfg_path = Path(text)
-            if not cfg_path.is_file():
-                raise OptionsError(f"--config={text}: file not found")
-            try:
-                cfg = json.loads(cfg_path.read_text())
-            except json.JSONDecodeError as err:
-                raise OptionsError(f"{cfg_path}: not valid JSON ({err})") from None
-            if not isinstance(cfg, dict):
-                raise OptionsError(f"{cfg_path}: expected a JSON object of option names to values")
-            for ck, cv in cfg.items():
-                if ck not in defaults:
-                    raise OptionsError(f"{cfg_path}: unknown option {ck!r}; valid options: " + ", ".join(names))
+            for ck, cv in read_config(text, script_name(script_globals), defaults).items():
                 overrides[ck] = _coerce(cv, defaults[ck], ck)
             continue
         if key not in defaults:
@@ -125,11 +114,62 @@ def apply_options(script_globals: dict, argv: list[str] | None = None) -> dict:
     return {k: script_globals[k] for k in names}
 
 
+def script_name(script_globals: dict) -> str:
+    """The running script's file name (e.g. 'generate_results.py')."""
+    return Path(script_globals.get("__file__") or sys.argv[0] or "").name
+
+
+def read_config(path, script: str, defaults: dict) -> dict:
+    """The option values a --config JSON file sets for `script`.
+
+    A flat file {option: value} is for one script: every key must be one of its options. A file of sections
+    {"all": {...}, "<script>.py": {...}} serves the whole pipeline: 'all' keys apply to every script that has
+    such an option (each must be an option of some script here), a script's own section must hold only its options.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise OptionsError(f"--config={path}: file not found")
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise OptionsError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(cfg, dict):
+        raise OptionsError(f"{path}: expected a JSON object of option names to values")
+    sectioned = any(k == "all" or k.endswith(".py") for k in cfg)
+    if not sectioned:
+        unknown = [k for k in cfg if k not in defaults]
+        if unknown:
+            raise OptionsError(f"{path}: unknown option {unknown[0]!r}; valid options: " + ", ".join(defaults))
+        return cfg
+    here = Path(__file__).resolve().parent
+    every_option = set()
+    for section, values in cfg.items():
+        if not isinstance(values, dict) or not (section == "all" or section.endswith(".py")):
+            raise OptionsError(f"{path}: section {section!r} must be 'all' or a script name mapping options to values")
+        if section.endswith(".py"):
+            if not (here / section).is_file():
+                raise OptionsError(f"{path}: section {section!r} names no script in {here}")
+            known = defaults if section == script else script_defaults(here / section)
+            unknown = [k for k in values if k not in known]
+            if unknown:
+                raise OptionsError(f"{path}: {section} has no option {unknown[0]!r}; valid: " + ", ".join(known))
+    if cfg.get("all"):
+        for script_file in here.glob("*.py"):
+            every_option |= set(script_defaults(script_file))
+        unknown = [k for k in cfg["all"] if k not in every_option]
+        if unknown:
+            raise OptionsError(f"{path}: 'all' sets {unknown[0]!r}, an option of no script here")
+    chosen = {k: v for k, v in cfg.get("all", {}).items() if k in defaults}
+    chosen.update(cfg.get(script, {}))
+    return chosen
+
 
 def script_defaults(script) -> dict:
     """The OPTIONS block of a script (its plain top-level assignments before the first import), not run."""
     tree = ast.parse(Path(script).read_text())
     defaults = {}
+    if "# ---- OPTIONS" not in Path(script).read_text():
+        return defaults  # a module, not a script
     for node in tree.body:
         if isinstance(node, (ast.Import, ast.ImportFrom)):
             break

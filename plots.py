@@ -1,12 +1,14 @@
-"""Every figure of the pipeline (matplotlib, Agg backend): heatmaps, per-ROI bars, violins, transfer matrices, probes."""
+"""Every figure of the pipeline (matplotlib, Agg backend): heatmaps, bars, violins, transfer matrices, probes."""
 from __future__ import annotations
 
 import numpy as np
 
 import utils
 
-METHOD_COLOURS = {"untuned": "#9e9e9e", "reg": "#1f77b4", "cl": "#d62728"}
-METHOD_LABELS = {"untuned": "untuned (best layer)", "reg": "reg-tuned", "cl": "CL-tuned"}
+METHOD_COLOURS = {"untuned": "#9e9e9e", "reg": "#1f77b4", "cl": "#d62728", "pooled-reg": "#9ecae1",
+                  "pooled-cl": "#fc9272"}
+METHOD_LABELS = {"untuned": "untuned (best layer)", "reg": "reg-tuned", "cl": "CL-tuned", "pooled-reg": "pooled reg",
+                 "pooled-cl": "pooled CL"}
 
 
 def _plt():
@@ -34,23 +36,25 @@ def plot_layer_roi_heatmap(scores: np.ndarray, layers, rois, title: str):
     return fig
 
 
-def plot_roi_bars(rows: list[dict], methods, title: str, value: str = "median_r_{}"):
-    """Grouped bars per ROI: one bar per method, value = median test r."""
+def plot_roi_bars(rows: list[dict], feature_sets, title: str):
+    """Grouped bars per ROI, one per feature set with a model: median test r (bar) and mean test r (dot)."""
     plt = _plt()
+    shown = [s for s in feature_sets if any(np.isfinite(float(r.get(f"median_r_{s}", np.nan))) for r in rows)]
     rois = [r["roi"] for r in rows]
-    fig, ax = plt.subplots(figsize=(max(8, 0.45 * len(rois) * len(methods) / 2), 4))
-    width = 0.8 / len(methods)
+    fig, ax = plt.subplots(figsize=(max(8, 0.3 * len(rois) * max(len(shown), 1)), 4))
+    width = 0.8 / max(len(shown), 1)
     x = np.arange(len(rois))
-    for k, method in enumerate(methods):
-        vals = [r.get(value.format(method), np.nan) for r in rows]
-        ax.bar(x + (k - (len(methods) - 1) / 2) * width, vals, width, label=METHOD_LABELS.get(method, method),
-               color=METHOD_COLOURS.get(method))
+    for k, feature_set in enumerate(shown):
+        offset = x + (k - (len(shown) - 1) / 2) * width
+        ax.bar(offset, [r.get(f"median_r_{feature_set}", np.nan) for r in rows], width,
+               label=METHOD_LABELS.get(feature_set, feature_set), color=METHOD_COLOURS.get(feature_set))
+        ax.plot(offset, [r.get(f"mean_r_{feature_set}", np.nan) for r in rows], "o", ms=3, color="black")
     ax.set_xticks(x, rois, rotation=90, fontsize=8)
     ax.set_xlabel("ROI")
-    ax.set_ylabel("median Pearson r (test split)")
+    ax.set_ylabel("Pearson r over the ROI's voxels (test split)")
     ax.axhline(0, color="black", lw=0.5)
     ax.set_title(title)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return fig
 
 
@@ -92,25 +96,105 @@ def plot_transfer_matrix(matrix: np.ndarray, subjects, title: str, colorbar_labe
 
 
 def plot_probe_bars(rows: list[dict], title: str):
-    """Linear-probe accuracy per tuned model, the untuned backbone as a dashed line."""
+    """Linear-probe accuracy per tuned backbone coloured by method; the untuned backbone and chance as lines."""
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
     plt = _plt()
     tuned = [r for r in rows if r["method"] != "untuned"]
-    labels = [f"{r['method']} {utils.subject_dir_name(r['subject'])} {r['hemisphere']} {r['roi']}" for r in tuned]
-    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(tuned)), 4))
+    labels = [f"{r['method']} {utils.subject_dir_name(r['subject']) + ' ' if r['subject'] else ''}{r['hemisphere']} "
+              f"{r['roi']}" for r in tuned]
+    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(tuned) + 2), 4))
     ax.bar(range(len(tuned)), [100 * r["accuracy"] for r in tuned],
-           color=[METHOD_COLOURS.get(r["method"]) for r in tuned])
+           color=[METHOD_COLOURS.get(r["method"], "#555555") for r in tuned])
+    handles = [Patch(color=METHOD_COLOURS.get(m, "#555555"), label=METHOD_LABELS.get(m, m))
+               for m in dict.fromkeys(r["method"] for r in tuned)]
     for r in rows:
         if r["method"] == "untuned":
-            ax.axhline(100 * r["accuracy"], color="black", ls="--", lw=1, label="untuned AlexNet")
+            ax.axhline(100 * r["accuracy"], color="black", ls="--", lw=1)
+            handles.append(Line2D([], [], color="black", ls="--", label="untuned AlexNet"))
     chance = rows[0].get("chance") if rows else None
     if chance:
-        ax.axhline(100 * chance, color="grey", ls=":", lw=1, label="chance")
-    for method in dict.fromkeys(r["method"] for r in tuned):
-        ax.bar([], [], color=METHOD_COLOURS.get(method), label=METHOD_LABELS.get(method, method))
+        ax.axhline(100 * chance, color="grey", ls=":", lw=1)
+        handles.append(Line2D([], [], color="grey", ls=":", label="chance (largest class)"))
     ax.set_xticks(range(len(tuned)), labels, rotation=90, fontsize=7)
     ax.set_xlabel("backbone (method, subject, hemisphere, ROI)")
     ax.set_ylabel("linear-probe test accuracy (%)")
+    ax.set_ylim(0, 100)
     ax.set_title(title)
-    ax.legend(fontsize=8)
+    ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return fig
 
+
+def plot_leave_one_subject_out(rows: list[dict]):
+    """Per subject x ROI: median test r of the pooled backbone without the subject, with it, own and untuned."""
+    plt = _plt()
+    columns = [("untuned", "untuned", "untuned"), ("own", None, "own per-subject backbone"),
+               ("with_subject", None, "pooled, trained with the subject"),
+               ("without_subject", None, "pooled, trained WITHOUT the subject")]
+    labels = [f"{utils.subject_dir_name(r['subject'])} {r['hemisphere']} {r['roi']} ({r['feature_set']})" for r in rows]
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(rows) + 3), 4))
+    width = 0.8 / len(columns)
+    x = np.arange(len(rows))
+    shades = ["#9e9e9e", "#6baed6", "#fc9272", "#cb181d"]
+    for k, ((key, _, label), colour) in enumerate(zip(columns, shades)):
+        ax.bar(x + (k - 1.5) * width, [r.get(f"median_r_{key}", np.nan) for r in rows], width, label=label,
+               color=colour)
+    ax.set_xticks(x, labels, rotation=60, ha="right", fontsize=8)
+    ax.set_ylabel("median Pearson r (test split)")
+    ax.set_xlabel("encoded subject, hemisphere, ROI (pooled set)")
+    ax.axhline(0, color="black", lw=0.5)
+    ax.set_title("Leave-one-subject-out: pooled backbones on a subject they never saw")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return fig
+
+
+def plot_candidate_shares(rows: list[dict], kinds):
+    """Per subject, hemisphere and ROI: the share of vertices whose submitted prediction uses each kind of
+    candidate feature set (stacked bars), from predict_test_images.py's report rows."""
+    plt = _plt()
+    labels = [f"{utils.subject_dir_name(r['subject'])} {r['hemisphere']} {r['vertices']}" for r in rows]
+    fig, ax = plt.subplots(figsize=(max(8, 0.22 * len(rows) + 3), 4))
+    bottom = np.zeros(len(rows))
+    for kind in kinds:
+        shares = np.array([r.get(f"pct_{kind}", 0.0) for r in rows])
+        ax.bar(range(len(rows)), shares, bottom=bottom, label=METHOD_LABELS.get(kind, kind),
+               color=METHOD_COLOURS.get(kind))
+        bottom += shares
+    ax.set_xticks(range(len(rows)), labels, rotation=90, fontsize=6)
+    ax.set_xlabel("subject, hemisphere, vertices (all, or an ROI's)")
+    ax.set_ylabel("vertices choosing the candidate (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title("Which feature set each vertex's submitted prediction uses (chosen by val r)")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return fig
+
+
+def plot_retrieval(rows: list[dict], feature_sets):
+    """fMRI -> image top-1 retrieval of the contrastive sets per subject, hemisphere and ROI, with bootstrap 95% CI,
+    chance and the shuffled-fMRI control."""
+    plt = _plt()
+    entries = []
+    for r in rows:
+        for s in feature_sets:
+            key = next((k for k in r if k.startswith("top1_of_") and k.endswith(f"_{s}")
+                        and not k.startswith("top1_of_all")), None)
+            if key is not None:
+                entries.append((f"{utils.subject_dir_name(r['subject'])} {r['hemisphere']} {r['roi']}", s, r[key],
+                                r[f"{key}_ci_low"], r[f"{key}_ci_high"], r.get(f"control_{key}"),
+                                r.get("chance_" + key[:-len(s) - 1]), key.split("_")[2]))
+    fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(entries) + 3), 4))
+    for k, (label, s, value, low, high, control, chance, pool) in enumerate(entries):
+        ax.bar(k, 100 * value, color=METHOD_COLOURS.get(s), label=METHOD_LABELS.get(s, s))
+        ax.errorbar(k, 100 * value, yerr=[[100 * (value - low)], [100 * (high - value)]], color="black", capsize=3)
+        if control is not None:
+            ax.plot(k, 100 * control, "kx", label="shuffled-fMRI control")
+        if chance is not None:
+            ax.plot([k - 0.4, k + 0.4], [100 * chance] * 2, color="grey", ls=":", label=f"chance (1 of {pool})")
+    handles, labels = ax.get_legend_handles_labels()
+    unique = dict(zip(labels, handles))
+    ax.set_xticks(range(len(entries)), [e[0] for e in entries], rotation=60, ha="right", fontsize=8)
+    ax.set_xlabel("subject, hemisphere, ROI")
+    ax.set_ylabel("top-1 fMRI -> image retrieval (%)")
+    ax.set_title("Retrieval among test images (candidates: 300, or all when fewer)")
+    ax.legend(unique.values(), unique.keys(), fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return fig

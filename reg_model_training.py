@@ -13,8 +13,10 @@ roi = "FFA-1"                  # one of the 31 challenge ROIs
 epochs = 75                    # training epochs (paper: 75)
 batch_size = 1024              # global batch size, split over ranks under torchrun (paper: 1024)
 lr = 2.5e-5                    # Adam learning rate (paper: 2.5e-5)
-lr_patience = 3                # ReduceLROnPlateau patience in epochs, on val loss
-lr_factor = 0.1                # ReduceLROnPlateau factor
+lr_schedule = "plateau"        # "plateau": ReduceLROnPlateau on val loss (2023 code); "none": constant lr (latest code)
+lr_patience = 3                # plateau: epochs without val-loss improvement before the lr drops
+lr_factor = 0.1                # plateau: lr multiplier
+backbone = "alexnet"           # "alexnet" (the paper's); "tiny" is a small stand-in network for fast tests
 weights = "IMAGENET1K_V1"      # "IMAGENET1K_V1" (torchvision cache), "none" (random init) or a local .pth state dict
 dropout = 0.5                  # AlexNet classifier dropout (torchvision default; 0 makes DDP runs match 1 process)
 image_size = 224               # input size in px (PNGs decoded once into the image cache at this size)
@@ -23,6 +25,7 @@ device = "auto"                # "auto" (cuda if present), "cpu", "cuda", "cuda:
 amp = True                     # bfloat16 autocast on GPU
 cpu_bf16 = True                # bfloat16 autocast on CPU where it has bf16 instructions (~1.6x faster there)
 channels_last = True           # channels-last memory format for the conv layers (measured faster on CPU)
+loader_workers = 0             # DataLoader worker processes; 0: one reader thread in this process (measured faster)
 num_threads = 0                # torch CPU threads (0 = torch default)
 seed = 0                       # model init, batch order, dropout
 split_seed = 0                 # train/val/test split seed (shared by every stage)
@@ -35,6 +38,7 @@ import models
 import options
 import outputs
 import training
+import training_data
 import utils
 
 config = options.apply_options(globals())
@@ -47,16 +51,15 @@ settings = training.TrainSettings.from_options(config)
 (roi,) = utils.check_roi_names([roi])
 subject_data = utils.load_subject(data_dir, subject, out_dir, image_size, split_seed, [hemisphere], check_values,
                                   build_first=runtime.main_first)
-roi_fmri, roi_voxel_indices = training.roi_fmri(subject_data, hemisphere, roi)
+source = training_data.roi_source(subject_data, hemisphere, roi)
 run_dir = models.checkpoint_path(out_dir, "reg", subject, hemisphere, roi).parent
 if runtime.is_main:
-    print(f"reg subject {subject} {hemisphere} {roi}: {len(roi_voxel_indices)} voxels, "
+    print(f"reg subject {subject} {hemisphere} {roi}: {len(source.voxel_indices)} voxels, "
           f"{len(subject_data.split['train'])} train / {len(subject_data.split['val'])} val images, "
           f"{runtime.world_size} x {runtime.device}")
 
 # the loop over epochs: training.train_roi_model (restore or init, one epoch, evaluate, save)
-summary = training.train_roi_model("reg", subject_data.images, roi_fmri, subject_data.split, roi_voxel_indices,
-                                   run_dir, settings, config, runtime)
+summary = training.train_roi_model("reg", [source], run_dir, settings, config, runtime)
 
 # report
 if runtime.is_main:

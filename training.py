@@ -1,13 +1,13 @@
-"""Training ROI models: the runtime (device, torch.distributed), batches, the one training loop, sweeps, throughput.
+"""Training ROI models: the runtime (device, torch.distributed), sources, the one training loop, sweeps, throughput.
 
-The loop, `train_roi_model`, is used by all four training scripts. It is split into the steps a reader looks
-for: `restore_or_init`, `train_one_epoch`, `evaluate`, `save_epoch`.
+The loop, `train_roi_model`, trains a per-subject model (one source) or a model pooled over subjects (several
+sources) for all training scripts. It is split into the steps a reader looks for: `restore_or_init`,
+`train_one_epoch`, `evaluate`, `save_epoch`. Sources and batches come from training_data.py.
 """
 from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import time
 from dataclasses import asdict, dataclass, fields
@@ -23,12 +23,14 @@ import encoding
 import models
 import options
 import outputs
+import training_data
 import utils
-from features import autocast_context, prefetched, prepare_images, read_rows
+from features import autocast_context, prepare_images
 
-MIN_ROI_VOXELS = 20          # smaller ROIs give a degenerate head (h = 0.8 V, z = 0.2 V) and noisy targets
 VAL_METRIC = {"cl": "val_top1", "reg": "val_r"}  # top-1 fMRI->image retrieval; mean voxel Pearson r
-TRAINING_SCRIPTS = {"cl": "cl_model_training.py", "reg": "reg_model_training.py"}
+TRAINING_SCRIPTS = {"cl": "cl_model_training.py", "reg": "reg_model_training.py",
+                    "pooled-cl": "pooled_cl_model_training.py", "pooled-reg": "pooled_reg_model_training.py"}
+LR_SCHEDULES = ("plateau", "none")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -90,64 +92,51 @@ def setup_runtime(device: str = "auto", num_threads: int = 0) -> Runtime:
 
 @dataclass
 class TrainSettings:
-    """Training hyper-parameters, taken from a training script's options (no defaults here: see the scripts)."""
+    """Training hyper-parameters, taken from a training script's options (no defaults here: see the scripts;
+    the per-subject scripts leave out the last two, which only a pooled model can change)."""
     epochs: int
     batch_size: int                   # global batch, split over ranks under torchrun
     lr: float
-    lr_patience: int                  # ReduceLROnPlateau on val loss
+    lr_schedule: str                  # "plateau": ReduceLROnPlateau on val loss; "none": constant lr
+    lr_patience: int                  # plateau: epochs without improvement
     lr_factor: float
+    backbone: str                     # "alexnet"; "tiny" is a small stand-in for tests
     weights: str
-    dropout: float                    # AlexNet classifier dropout
+    dropout: float                    # backbone dropout (AlexNet's classifier)
     seed: int
     amp: bool                         # bfloat16 autocast on GPU
     cpu_bf16: bool                    # bfloat16 autocast on CPUs with bf16 instructions
     channels_last: bool
     hflip: bool
+    loader_workers: int               # DataLoader worker processes reading batches ahead
     resume: bool
     stop_after_epoch: int             # 0 = train all epochs
     slim_finished: bool               # drop optimizer state from last.pt once done
     temperature: float | None = None  # CL only (a reg script has no such option)
     symmetric_loss: bool | None = None  # CL only
+    h_method: str = "subject"         # CL hidden size; the per-subject rule unless a pooled script sets it
+    subject_order: str = "interleaved"  # pooled: batches of the subjects interleaved or one subject after another
 
     @classmethod
     def from_options(cls, script_options: dict) -> "TrainSettings":
         return cls(**{f.name: script_options[f.name] for f in fields(cls) if f.name in script_options})
 
 
-def default_settings(method: str, **overrides) -> TrainSettings:
-    """The settings a method's training script runs with by default (read from its OPTIONS block), overridden."""
-    script = Path(__file__).resolve().parent / TRAINING_SCRIPTS[models.check_method(method)]
+def default_settings(method: str, pooled: bool = False, **overrides) -> TrainSettings:
+    """The settings a training script runs with by default (read from its OPTIONS block), overridden."""
+    name = ("pooled-" if pooled else "") + models.check_method(method)
+    script = Path(__file__).resolve().parent / TRAINING_SCRIPTS[name]
     return TrainSettings.from_options({**options.script_defaults(script), **overrides})
 
 
 # settings that must match to resume a run (epochs may grow; speed settings may change)
-_RESUME_KEYS = ("batch_size", "lr", "temperature", "symmetric_loss", "lr_patience", "lr_factor", "weights",
-                "dropout", "seed", "hflip")
+_RESUME_KEYS = ("batch_size", "lr", "lr_schedule", "temperature", "symmetric_loss", "lr_patience", "lr_factor",
+                "backbone", "weights", "dropout", "seed", "hflip", "h_method", "subject_order")
 
 
 # ---------------------------------------------------------------------------------------------
-# Batches.
+# Batches (training_data.py: the sources, Dataset and sampler).
 # ---------------------------------------------------------------------------------------------
-
-
-def roi_fmri(subject_data: utils.Subject, hemi: str, roi: str):
-    """-> (N x V float32 fMRI of the ROI in RAM, its vertex indices); DataError when under MIN_ROI_VOXELS."""
-    (roi,) = utils.check_roi_names([roi])
-    idx = subject_data.roi_voxel_indices[hemi][roi]
-    if len(idx) < MIN_ROI_VOXELS:
-        raise utils.DataError(f"subject {subject_data.subject} {hemi} {roi}: {len(idx)} voxels; training needs at "
-                              f"least {MIN_ROI_VOXELS} (some ROIs are empty for some subjects)")
-    return np.ascontiguousarray(subject_data.fmri[hemi][:, idx], dtype=np.float32), idx
-
-
-def epoch_batches(indices, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
-    """Epoch's batches from (seed, epoch) alone: a permutation cut into ceil(n / batch_size) near-equal, sorted batches.
-
-    Near-equal batches (no small remainder batch) keep every contrastive batch large and BatchNorm well defined.
-    """
-    order = np.random.default_rng([seed, epoch]).permutation(np.asarray(indices, dtype=np.int64))
-    n_batches = max(1, math.ceil(len(order) / batch_size))
-    return [np.sort(b) for b in np.array_split(order, n_batches)]
 
 
 def _epoch_torch_seed(seed: int, epoch: int, rank: int) -> int:
@@ -155,12 +144,20 @@ def _epoch_torch_seed(seed: int, epoch: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
 
 
-def _flips(n_images: int, seed: int, epoch: int) -> np.ndarray:
-    return np.random.default_rng([seed, epoch, 1]).random(n_images) < 0.5
+def _flips(n_images: int, seed: int, epoch: int, source: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch, 2, source]).random(n_images) < 0.5
 
 
-def _shard(rows: np.ndarray, runtime: Runtime) -> np.ndarray:
-    return np.array_split(rows, runtime.world_size)[runtime.rank]
+def make_loaders(sources, settings: TrainSettings, runtime: Runtime):
+    """(train loader, val loader) over the sources' image caches: this rank's share of each global batch."""
+    dataset = training_data.ImageRows([s.images for s in sources])
+    world = dict(num_replicas=runtime.world_size, rank=runtime.rank)
+    train = training_data.GlobalBatchSampler(dataset, [s.split["train"] for s in sources], settings.batch_size,
+                                             settings.seed, shuffle=True, order=settings.subject_order, **world)
+    val = training_data.GlobalBatchSampler(dataset, [s.split["val"] for s in sources], settings.batch_size,
+                                           settings.seed, shuffle=False, **world)
+    return (training_data.make_loader(dataset, train, runtime.device, settings.loader_workers),
+            training_data.make_loader(dataset, val, runtime.device, settings.loader_workers))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,25 +188,26 @@ def read_done(run_dir) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def restore_or_init(method: str, n_voxels: int, run_dir: Path, settings: TrainSettings, roi_voxel_indices,
-                    image_size: int, runtime: Runtime) -> RunState:
+def restore_or_init(method: str, sources, run_dir: Path, settings: TrainSettings, image_size: int,
+                    runtime: Runtime) -> RunState:
     """A seeded new model, optimizer and LR schedule, or all of them restored exactly from run_dir/last.pt."""
     device = runtime.device
     torch.manual_seed(settings.seed)
-    model = models.build_model(method, n_voxels, settings.weights, settings.dropout).to(device)
+    spec = models.model_spec(method, [len(s.voxel_indices) for s in sources], settings.backbone, settings.h_method)
+    model = models.model_from_spec(spec, settings.weights, settings.dropout).to(device)
     if settings.channels_last:
         model = model.to(memory_format=torch.channels_last)
     adam_kwargs = {"fused": True} if device.type in ("cuda", "cpu") else {}
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr, **adam_kwargs)
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=settings.lr_factor,
-                                                           patience=settings.lr_patience)
+    scheduler = None if settings.lr_schedule == "none" else torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, mode="min", factor=settings.lr_factor, patience=settings.lr_patience)
     state = RunState(model, optimizer, scheduler, history=[])
     last_path = run_dir / "last.pt"
     if settings.resume and last_path.is_file():
         ckpt = models.load_checkpoint(last_path)
-        _check_resumable(last_path, ckpt, method, settings, roi_voxel_indices, image_size)
+        _check_resumable(last_path, ckpt, method, settings, sources, image_size)
         if ckpt["epoch"] >= settings.epochs:  # finished, but killed before done.json was written
-            state.finished_summary = _summary(method, n_voxels, "done", ckpt["metrics"], ckpt.get("best"))
+            state.finished_summary = _summary(method, sources, "done", ckpt["metrics"], ckpt.get("best"))
             return state
         if "optimizer" not in ckpt:
             raise utils.DataError(f"{last_path}: finished run saved without optimizer state (slim_finished); it "
@@ -217,7 +215,8 @@ def restore_or_init(method: str, n_voxels: int, run_dir: Path, settings: TrainSe
                                   "retrain with --resume=false")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
+        if scheduler is not None:
+            scheduler.load_state_dict(ckpt["scheduler"])
         torch.set_rng_state(ckpt["rng"]["torch"])
         state.start_epoch, state.history, state.best = ckpt["epoch"], ckpt["metrics"], ckpt.get("best")
         state.status = "resumed"
@@ -226,93 +225,90 @@ def restore_or_init(method: str, n_voxels: int, run_dir: Path, settings: TrainSe
     return state
 
 
-def train_one_epoch(method: str, train_model: nn.Module, optimizer, images: np.ndarray, fmri_t: torch.Tensor,
-                    train_idx: np.ndarray, epoch: int, settings: TrainSettings, runtime: Runtime) -> dict:
-    """One pass over this epoch's seeded batches (each rank its shard of every global batch) -> loss and timings."""
+def train_one_epoch(method: str, train_model: nn.Module, optimizer, loader, fmri: list, epoch: int,
+                    settings: TrainSettings, runtime: Runtime) -> dict:
+    """One pass over this epoch's seeded global batches (each rank its share) -> mean loss and timings."""
     from tqdm import tqdm
     device = runtime.device
     t_epoch = time.perf_counter()
+    loader.batch_sampler.set_epoch(epoch)
+    plan = loader.batch_sampler.global_batches()
+    flips = [_flips(len(c), settings.seed, epoch, k) for k, c in enumerate(loader.dataset.caches)] \
+        if settings.hflip else None
     torch.manual_seed(_epoch_torch_seed(settings.seed, epoch, runtime.rank))
-    batches = epoch_batches(train_idx, settings.batch_size, settings.seed, epoch)
-    flips = _flips(len(images), settings.seed, epoch) if settings.hflip else None
-    jobs = [(_shard(b, runtime), len(b)) for b in batches]
     train_model.train()
-    pin = device.type == "cuda"
     loss_sum = torch.zeros((), device=device)
-    data_s = fetch_s = 0.0
-
-    def fetch(job):
-        t0 = time.perf_counter()
-        rows, n_global = job
-        return (rows, n_global, read_rows(images, rows, pin)), time.perf_counter() - t0
-
-    batch_bar = tqdm(total=len(batches), desc=f"epoch {epoch}", unit="batch", leave=False, disable=not runtime.is_main)
-    for ((rows, n_global, batch), fetch_seconds), waited in prefetched(fetch, jobs):
-        t0 = time.perf_counter()
-        x = prepare_images(batch, device, settings.channels_last, None if flips is None else flips[rows])
-        y = fmri_t[torch.as_tensor(rows, device=device)]
-        data_s += waited + time.perf_counter() - t0
-        fetch_s += fetch_seconds
+    n_images, data_s = 0, 0.0
+    batches = zip(plan, training_data.read_batches(loader), strict=True)
+    t_wait = time.perf_counter()
+    for (source, global_rows), batch in tqdm(batches, total=len(plan), desc=f"epoch {epoch}", unit="batch",
+                                             leave=False, disable=not runtime.is_main):
+        rows = batch["rows"].to(device, non_blocking=True)
+        flip = None if flips is None else flips[source][batch["rows"].numpy()]
+        x = prepare_images(batch["images"], device, settings.channels_last, flip)
+        y = fmri[source][rows]
+        data_s += time.perf_counter() - t_wait  # waiting for the batch, and moving it to the device
         with autocast_context(device, settings.amp, settings.cpu_bf16):
             loss_back, loss_value = models.batch_loss(method, train_model, x, y, settings.temperature,
-                                                      settings.symmetric_loss)
+                                                      settings.symmetric_loss, source)
         optimizer.zero_grad(set_to_none=True)
         loss_back.backward()
         optimizer.step()
-        loss_sum += loss_value * n_global
-        batch_bar.update(1)
-    batch_bar.close()
+        loss_sum += loss_value * len(global_rows)
+        n_images += len(global_rows)
+        t_wait = time.perf_counter()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     train_s = time.perf_counter() - t_epoch
-    return {"train_loss": loss_sum.item() / len(train_idx), "train_images_per_s": len(train_idx) / train_s,
-            "data_s": data_s, "fetch_s": fetch_s, "train_s": train_s}
+    return {"train_loss": loss_sum.item() / n_images, "train_images_per_s": n_images / train_s,
+            "data_s": data_s, "train_s": train_s}
 
 
 @torch.no_grad()
-def evaluate(method: str, model: nn.Module, images: np.ndarray, fmri_t: torch.Tensor, indices: np.ndarray,
-             settings: TrainSettings, runtime: Runtime) -> dict:
-    """Val loss and quality (CL: top-1 fMRI->image retrieval among these images; reg: mean voxel Pearson r)."""
+def evaluate(method: str, model: nn.Module, loader, fmri: list, settings: TrainSettings,
+             runtime: Runtime) -> list[dict]:
+    """Per source, on its val batches: val loss and quality (CL: top-1 fMRI->image retrieval among its val images;
+    reg: mean voxel Pearson r).
+
+    Dropout is off; CL's BatchNorm uses each val batch's own statistics per modality, as training does (its
+    running statistics, blended from both modalities, are left untouched), so the val loss is the training
+    objective on held-out batches.
+    """
     model = getattr(model, "module", model)
-    was_training = model.training
-    model.eval()
     device = runtime.device
-    indices = np.sort(np.asarray(indices, dtype=np.int64))
-    mine = _shard(indices, runtime)
-    chunks = [mine[s:s + settings.batch_size] for s in range(0, len(mine), settings.batch_size)]
-    pin = device.type == "cuda"
-    outs = []
-    with autocast_context(device, settings.amp, settings.cpu_bf16):
-        for (rows, batch), _ in prefetched(lambda r: (r, read_rows(images, r, pin)), chunks):
-            x = prepare_images(batch, device, settings.channels_last)
-            rows_t = torch.as_tensor(rows, device=device)
+    sampler = loader.batch_sampler
+    outs = [[] for _ in fmri]
+    losses = [[] for _ in fmri]
+    with models.batch_statistics(model), autocast_context(device, settings.amp, settings.cpu_bf16):
+        for (source, global_rows), batch in zip(sampler.global_batches(), training_data.read_batches(loader),
+                                                strict=True):
+            x = prepare_images(batch["images"], device, settings.channels_last)
+            y = fmri[source][batch["rows"].to(device, non_blocking=True)]
             if method == "cl":
-                f, g = model(x, fmri_t[rows_t])
-                outs.append(torch.cat([f.float(), g.float()], 1))
+                f, g = model(x, y, source)
+                f, g = models.gather_rows(f.float()), models.gather_rows(g.float())
+                loss = models.contrastive_loss(f, g, settings.temperature, settings.symmetric_loss)
+                losses[source].append(len(global_rows) * loss.item())
+                outs[source].append((f, g))
             else:
-                outs.append(model(x).float())
-    width = (2 * model.embed_dim) if method == "cl" else model.n_voxels
-    local = torch.cat(outs) if outs else torch.zeros(0, width, device=device)
-    every = models.gather_rows(local)
-    target = fmri_t[torch.as_tensor(indices, device=device)]
-    model.train(was_training)
-    if method == "cl":
-        f, g = every[:, :model.embed_dim], every[:, model.embed_dim:]
-        # the loss over val batches like the training batches (negatives within a batch)
-        batches = np.array_split(np.arange(len(indices)), max(1, math.ceil(len(indices) / settings.batch_size)))
-        loss = sum(len(b) * models.contrastive_loss(f[b], g[b], settings.temperature, settings.symmetric_loss).item()
-                   for b in batches) / len(indices)
-        sim = F.normalize(f, dim=1) @ F.normalize(g, dim=1).T
-        top1 = (sim.argmax(1) == torch.arange(len(f), device=device)).float().mean().item()
-        return {"val_loss": loss, "val_top1": top1}
-    loss = F.mse_loss(every, target).item()
-    val_r = encoding.pearson_r(target.double().cpu().numpy(), every.double().cpu().numpy())
-    return {"val_loss": loss, "val_r": float(np.nanmean(val_r))}
+                outs[source].append(models.gather_rows(model(x, source).float()))
+    results = []
+    for source, source_outs in enumerate(outs):
+        rows = torch.as_tensor(sampler.rows_per_source[source], device=device)  # sorted, as the batches
+        if method == "cl":
+            f = F.normalize(torch.cat([o[0] for o in source_outs]), dim=1)
+            g = F.normalize(torch.cat([o[1] for o in source_outs]), dim=1)
+            top1 = ((f @ g.T).argmax(1) == torch.arange(len(f), device=device)).float().mean().item()
+            results.append({"val_loss": sum(losses[source]) / len(rows), "val_top1": top1})
+        else:
+            pred, target = torch.cat(source_outs), fmri[source][rows]
+            val_r = encoding.pearson_r(target.double().cpu().numpy(), pred.double().cpu().numpy())
+            results.append({"val_loss": F.mse_loss(pred, target).item(), "val_r": float(np.nanmean(val_r))})
+    return results
 
 
 def save_epoch(state: RunState, run_dir: Path, row: dict, t_epoch: float, method: str, settings: TrainSettings,
-               roi_voxel_indices, image_size: int, n_train: int, n_val: int, script_options: dict,
-               runtime: Runtime) -> bool:
+               sources, image_size: int, script_options: dict, runtime: Runtime) -> bool:
     """Record one epoch: best.pt when val loss improved, last.pt (exact resume point) and log.csv. -> improved."""
     metric_name = VAL_METRIC[method]
     improved = state.best is None or row["val_loss"] < state.best["val_loss"]
@@ -320,28 +316,31 @@ def save_epoch(state: RunState, run_dir: Path, row: dict, t_epoch: float, method
         state.best = {"epoch": row["epoch"], "val_loss": row["val_loss"], metric_name: row[metric_name]}
     finished = row["epoch"] == settings.epochs
     meta = {"method": method, "settings": asdict(settings), "best": state.best, "done": finished,
-            "image_size": int(image_size), "n_train": n_train, "n_val": n_val}
+            "image_size": int(image_size), "n_train": [len(s.split["train"]) for s in sources],
+            "n_val": [len(s.split["val"]) for s in sources]}
+    where = dict(roi_voxel_indices=[s.voxel_indices for s in sources], subjects=[s.subject for s in sources])
     if runtime.is_main and improved:
         models.save_checkpoint(run_dir / "best.pt", state.model, None, None, row["epoch"], script_options,
-                               roi_voxel_indices, state.history + [row], **meta)
+                               metrics=state.history + [row], **where, **meta)
     row["epoch_s"] = time.perf_counter() - t_epoch  # training, validation and checkpoint writing
     state.history.append(row)
     if runtime.is_main:
         slim = finished and settings.slim_finished
         models.save_checkpoint(run_dir / "last.pt", state.model, None if slim else state.optimizer,
-                               None if slim else state.scheduler, row["epoch"], script_options, roi_voxel_indices,
-                               state.history, **meta)
+                               None if slim else state.scheduler, row["epoch"], script_options,
+                               metrics=state.history, **where, **meta)
         outputs.save_csv(run_dir / "log.csv", state.history, script_options)
     return improved
 
 
-def train_roi_model(method: str, images: np.ndarray, fmri: np.ndarray, split: dict, roi_voxel_indices,
-                    run_dir, settings: TrainSettings, script_options: dict | None = None,
+def train_roi_model(method: str, sources, run_dir, settings: TrainSettings, script_options: dict | None = None,
                     runtime: Runtime | None = None, desc: str = "") -> dict:
-    """Fine-tune one ROI model (CL or reg) on split['train'], selecting on split['val']; return a summary row.
+    """Fine-tune one ROI model (CL or reg) on the sources' train splits, selecting on their val splits.
 
-    images: N x 3 x S x S uint8 cache; fmri: N x V float32 of the ROI. Writes run_dir/{best,last}.pt, log.csv and,
-    when finished, done.json (rank 0 only). With settings.resume, continues from last.pt exactly.
+    sources: one Source (a per-subject model) or several (a model pooled over subjects, one batch from one
+    subject at a time). Writes run_dir/{best,last}.pt, log.csv and, when finished, done.json (rank 0 only);
+    the val loss and metric are the means over subjects (per subject too in log.csv when pooled). With
+    settings.resume, continues from last.pt exactly. Returns a summary row.
     """
     from torch.nn.parallel import DistributedDataParallel
     from tqdm import tqdm
@@ -351,21 +350,14 @@ def train_roi_model(method: str, images: np.ndarray, fmri: np.ndarray, split: di
     run_dir = Path(run_dir)
     script_options = dict(script_options or {})
     metric_name = VAL_METRIC[method]
-    n_voxels = fmri.shape[1]
-    roi_voxel_indices = np.asarray(roi_voxel_indices, dtype=np.int64)
-    train_idx, val_idx = np.asarray(split["train"]), np.asarray(split["val"])
-    if len(train_idx) < 2 * world or len(val_idx) < 2:
-        raise utils.DataError(f"{run_dir}: {len(train_idx)} training and {len(val_idx)} validation images; need at "
-                              f"least {2 * world} and 2")
-    if settings.batch_size < 2 * world:
-        raise utils.DataError(f"batch_size={settings.batch_size}: need at least 2 images per rank ({world} ranks)")
-    if method == "cl" and settings.temperature is None:
-        raise utils.DataError("CL training needs a temperature (cl_model_training.py's option)")
+    sources = list(sources)
+    _check_trainable(run_dir, method, sources, settings, world)
+    image_size = int(sources[0].images.shape[-1])
 
     done = read_done(run_dir) if settings.resume else None
     if done is not None and done.get("epochs", 0) >= settings.epochs:
         return {**done, "status": "done"}
-    state = restore_or_init(method, n_voxels, run_dir, settings, roi_voxel_indices, images.shape[-1], runtime)
+    state = restore_or_init(method, sources, run_dir, settings, image_size, runtime)
     if state.finished_summary is not None:
         if runtime.is_main:
             outputs.save_json(_done_path(run_dir), state.finished_summary, script_options)
@@ -373,27 +365,35 @@ def train_roi_model(method: str, images: np.ndarray, fmri: np.ndarray, split: di
         return state.finished_summary
     train_model = state.model
     if world > 1:
-        # buffers (BatchNorm running stats) stay equal on every rank: DistBatchNorm1d uses global statistics
-        train_model = DistributedDataParallel(state.model, broadcast_buffers=False,
-                                              device_ids=[device.index] if device.type == "cuda" else None)
+        # buffers (BatchNorm running stats) stay equal on every rank without syncing them each step:
+        # DistBatchNorm1d uses global statistics; pooled: each step uses one subject's projection, the same
+        # subject on every rank
+        train_model = DistributedDataParallel(state.model, forward_sync_buffers=False,
+                                              device_ids=[device.index] if device.type == "cuda" else None,
+                                              find_unused_parameters=len(sources) > 1)
 
-    fmri_t = torch.from_numpy(np.ascontiguousarray(fmri, dtype=np.float32)).to(device)
+    fmri = [torch.from_numpy(np.ascontiguousarray(s.fmri, dtype=np.float32)).to(device) for s in sources]
+    train_loader, val_loader = make_loaders(sources, settings, runtime)
+    names = [utils.subject_dir_name(s.subject) for s in sources]
     epoch_bar = tqdm(total=settings.epochs, initial=state.start_epoch, desc=desc or f"{method} {run_dir.name}",
                      unit="epoch", disable=not runtime.is_main)
     for epoch in range(state.start_epoch + 1, settings.epochs + 1):
         t_epoch = time.perf_counter()
-        train = train_one_epoch(method, train_model, state.optimizer, images, fmri_t, train_idx, epoch, settings,
-                                runtime)
+        train = train_one_epoch(method, train_model, state.optimizer, train_loader, fmri, epoch, settings, runtime)
         t_val = time.perf_counter()
-        val = evaluate(method, state.model, images, fmri_t, val_idx, settings, runtime)
+        val = evaluate(method, state.model, val_loader, fmri, settings, runtime)
+        val_loss = float(np.mean([v["val_loss"] for v in val]))
         lr_used = state.optimizer.param_groups[0]["lr"]
-        state.scheduler.step(val["val_loss"])
-        row = {"epoch": epoch, "train_loss": train["train_loss"], "val_loss": val["val_loss"],
-               metric_name: val[metric_name], "lr": lr_used, "train_images_per_s": train["train_images_per_s"],
-               "data_s": train["data_s"], "fetch_s": train["fetch_s"], "train_s": train["train_s"],
-               "val_s": time.perf_counter() - t_val}
-        save_epoch(state, run_dir, row, t_epoch, method, settings, roi_voxel_indices, images.shape[-1], len(train_idx),
-                   len(val_idx), script_options, runtime)
+        if state.scheduler is not None:
+            state.scheduler.step(val_loss)
+        row = {"epoch": epoch, "train_loss": train["train_loss"], "val_loss": val_loss,
+               metric_name: float(np.mean([v[metric_name] for v in val])), "lr": lr_used,
+               "train_images_per_s": train["train_images_per_s"], "data_s": train["data_s"],
+               "train_s": train["train_s"], "val_s": time.perf_counter() - t_val}
+        if len(sources) > 1:
+            for name, v in zip(names, val):
+                row.update({f"val_loss_{name}": v["val_loss"], f"{metric_name}_{name}": v[metric_name]})
+        save_epoch(state, run_dir, row, t_epoch, method, settings, sources, image_size, script_options, runtime)
         epoch_bar.update(1)
         epoch_bar.set_postfix(train=f"{row['train_loss']:.4f}", val=f"{row['val_loss']:.4f}",
                               **{metric_name: f"{row[metric_name]:.3f}"}, lr=f"{lr_used:.1e}",
@@ -402,28 +402,55 @@ def train_roi_model(method: str, images: np.ndarray, fmri: np.ndarray, split: di
             state.status = "stopped"
             break
     epoch_bar.close()
-    summary = _summary(method, n_voxels, state.status, state.history, state.best)
+    summary = _summary(method, sources, state.status, state.history, state.best)
     if runtime.is_main and state.history and state.history[-1]["epoch"] == settings.epochs:
         outputs.save_json(_done_path(run_dir), summary, script_options)
     runtime.barrier()
     return summary
 
 
-def _summary(method, n_voxels, status, history, best) -> dict:
+def _check_trainable(run_dir, method, sources, settings, world):
+    if not sources:
+        raise utils.DataError(f"{run_dir}: no subjects to train on")
+    for s in sources:
+        n_train, n_val = len(s.split["train"]), len(s.split["val"])
+        if n_train < 2 * world or n_val < 2 * world:
+            raise utils.DataError(f"{run_dir}: subject {s.subject} has {n_train} training and {n_val} validation "
+                                  f"images; need at least {2 * world} of each ({world} ranks)")
+        if s.images.shape[-1] != sources[0].images.shape[-1]:
+            raise utils.DataError(f"{run_dir}: image caches of different sizes ({s.images.shape[-1]} and "
+                                  f"{sources[0].images.shape[-1]} px)")
+    if settings.batch_size < max(3, 2 * world):  # near-equal batches of >= 3 never leave a BatchNorm 1 row
+        raise utils.DataError(f"batch_size={settings.batch_size}: need at least 3 and 2 images per rank "
+                              f"({world} ranks)")
+    if method == "cl" and settings.temperature is None:
+        raise utils.DataError("CL training needs a temperature (cl_model_training.py's option)")
+    if settings.lr_schedule not in LR_SCHEDULES:
+        raise utils.DataError(f"lr_schedule={settings.lr_schedule!r}: expected one of {', '.join(LR_SCHEDULES)}")
+    if settings.subject_order not in training_data.ORDERS:
+        raise utils.DataError(f"subject_order={settings.subject_order!r}: expected one of "
+                              f"{', '.join(training_data.ORDERS)}")
+
+
+def _summary(method, sources, status, history, best) -> dict:
     metric_name = VAL_METRIC[method]
-    return {"method": method, "voxels": int(n_voxels), "status": status,
-            "epochs": history[-1]["epoch"] if history else 0,
+    subjects = {"subjects": " ".join(str(s.subject) for s in sources)} if len(sources) > 1 else {}
+    return {"method": method, **subjects, "voxels": int(sum(len(s.voxel_indices) for s in sources)),
+            "status": status, "epochs": history[-1]["epoch"] if history else 0,
             "best_epoch": best["epoch"] if best else None,
             "best_val_loss": best["val_loss"] if best else None,
             f"best_{metric_name}": best[metric_name] if best else None,
             "minutes": sum(r["epoch_s"] for r in history) / 60}
 
 
-def _check_resumable(path, ckpt, method, settings, roi_voxel_indices, image_size):
+def _check_resumable(path, ckpt, method, settings, sources, image_size):
     saved = ckpt.get("settings", {})
     if ckpt.get("method") != method:
         raise utils.DataError(f"{path}: a {ckpt.get('method')} checkpoint, cannot resume it as {method}")
-    if not np.array_equal(ckpt["roi_voxel_indices"].numpy(), roi_voxel_indices):
+    if ckpt.get("subjects") != [s.subject for s in sources]:
+        raise utils.DataError(f"{path}: trained on subjects {ckpt.get('subjects')}, now "
+                              f"{[s.subject for s in sources]}; retrain with --resume=false")
+    if not all(np.array_equal(a.numpy(), s.voxel_indices) for a, s in zip(ckpt["roi_voxel_indices"], sources)):
         raise utils.DataError(f"{path}: trained on other voxels than this ROI has now; retrain with --resume=false")
     if ckpt.get("image_size") != image_size:
         raise utils.DataError(f"{path}: trained at {ckpt.get('image_size')} px, now {image_size} px")
@@ -466,6 +493,15 @@ def sweep_summary_path(out_dir, method: str, subject: int, shard=(0, 1)) -> Path
     return Path(out_dir) / "models" / method / utils.subject_dir_name(subject) / name
 
 
+def pooled_sweep_summary_path(out_dir, method: str, h_method: str | None = None, exclude_subject: int = 0,
+                              shard=(0, 1)) -> Path:
+    """out_dir/models/pooled-<method>/summary[_loso-subjXX][_shard-i-of-n].csv."""
+    i, n = shard
+    name = "summary" + (f"_loso-{utils.subject_dir_name(exclude_subject)}" if exclude_subject else "") \
+        + (f"_shard-{i}-of-{n}" if n > 1 else "") + ".csv"
+    return Path(out_dir) / "models" / models.pooled_method_name(method, h_method) / name
+
+
 # ---------------------------------------------------------------------------------------------
 # Throughput (benchmark.py reports it).
 # ---------------------------------------------------------------------------------------------
@@ -473,11 +509,11 @@ def sweep_summary_path(out_dir, method: str, subject: int, shard=(0, 1)) -> Path
 
 def measure_throughput(method: str = "cl", n_voxels: int = 1000, image_size: int = 224, batch_size: int = 64,
                        steps: int = 5, warmup: int = 2, device="cpu", amp: bool = True, cpu_bf16: bool = True,
-                       channels_last: bool = True, weights: str = "none") -> dict:
+                       channels_last: bool = True, weights: str = "none", backbone: str = "alexnet") -> dict:
     """Training and inference images/s of a CL or reg model on random uint8 images (prepare_images included)."""
     device = torch.device(device)
     torch.manual_seed(0)
-    model = models.build_model(method, n_voxels, weights).to(device)
+    model = models.build_model(method, n_voxels, weights, backbone=backbone).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-6, fused=True)

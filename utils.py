@@ -22,9 +22,7 @@ class OptionsError(DataError):
     """Unknown or unparsable command-line option."""
 
 
-# ---------------------------------------------------------------------------------------------
-# ROIs.
-# ---------------------------------------------------------------------------------------------
+# ---- ROIs ----
 
 HEMISPHERES = ("lh", "rh")
 ROI_FAMILIES = ("prf-visualrois", "floc-bodies", "floc-faces", "floc-places", "floc-words", "streams")
@@ -62,9 +60,7 @@ def check_roi_names(names) -> list[str]:
     return out
 
 
-# ---------------------------------------------------------------------------------------------
-# Restricted unpickling of the official mapping_<family>.npy files (pickled dicts).
-# ---------------------------------------------------------------------------------------------
+# ---- Restricted unpickling of the official mapping_<family>.npy files (pickled dicts) ----
 
 _ALLOWED_GLOBALS = {
     ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
@@ -117,9 +113,7 @@ def load_roi_mapping(path) -> dict[int, str]:
     return {int(k): v.strip() for k, v in obj.items()}
 
 
-# ---------------------------------------------------------------------------------------------
-# The Algonauts 2023 layout (official, or the older re-arranged one), auto-detected.
-# ---------------------------------------------------------------------------------------------
+# ---- The Algonauts 2023 layout (official, or the older re-arranged one), auto-detected ----
 
 _NSD_ID = re.compile(r"nsd-(\d+)")
 
@@ -217,9 +211,7 @@ def nsd_ids(image_paths) -> np.ndarray | None:
     return np.asarray(ids, dtype=np.int64)
 
 
-# ---------------------------------------------------------------------------------------------
-# Loading and validation.
-# ---------------------------------------------------------------------------------------------
+# ---- Loading and validation ----
 
 
 def load_fmri(paths: SubjectPaths, hemi: str) -> np.ndarray:
@@ -296,19 +288,6 @@ def voxel_roi_lists(roi_indices: dict[str, np.ndarray], n_vertices: int) -> list
     return [pattern_lists[k] for k in pattern_of_vertex.ravel()]
 
 
-def format_roi_size_table(sizes: dict) -> str:
-    """Text table of ROI voxel counts: rows ROIs, columns (subject, hemi); empty ROIs marked."""
-    columns = sorted(sizes)
-    header = f"{'ROI':<12}" + "".join(f"{subject_dir_name(s) + ' ' + h:>12}" for s, h in columns)
-    lines = [header, "-" * len(header)]
-    row_names = list(ROI_NAMES) + sorted({k for c in columns for k in sizes[c]} - set(ROI_NAMES))
-    for name in row_names:
-        cells = [sizes[c].get(name) for c in columns]
-        lines.append(f"{name:<12}" + "".join(f"{'empty' if v == 0 else ('-' if v is None else v):>12}"
-                                             for v in cells))
-    return "\n".join(lines)
-
-
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -330,16 +309,16 @@ def check_png_files(image_paths) -> None:
                             "expected a complete PNG image")
 
 
-def validate_subject(paths: SubjectPaths, check_values: bool = True) -> dict:
-    """Check a subject's files agree (images = fMRI rows, masks = fMRI columns, finite values).
+def validate_subject(paths: SubjectPaths, check_values: bool = True, noise_ceiling_dir=None) -> dict:
+    """Check a subject's files agree (images = fMRI rows, masks and noise ceilings = fMRI columns, finite values).
 
-    Returns {'n_images': N, 'n_vertices': {hemi: V}, 'images': [Path, ...]}.
+    Returns {'n_images': N, 'n_vertices': {hemi: V}, 'images': [Path, ...], 'noise_ceiling': {hemi: V or None}}.
     """
     images = list_images(paths.train_images)
     if not images:
         raise DataError(f"{paths.train_images}: no PNG training images found")
     check_png_files(images)
-    n_vertices = {}
+    n_vertices, ceilings = {}, {}
     for hemi in HEMISPHERES:
         fmri = load_fmri(paths, hemi)
         if fmri.shape[0] != len(images):
@@ -349,23 +328,50 @@ def validate_subject(paths: SubjectPaths, check_values: bool = True) -> dict:
             check_finite(fmri, paths.fmri[hemi])
         load_roi_masks(paths, hemi, fmri.shape[1])
         n_vertices[hemi] = fmri.shape[1]
-        nc_file = paths.noise_ceiling.get(hemi)
-        if nc_file is not None:
-            nc = np.load(nc_file, allow_pickle=False)
-            if nc.shape != (fmri.shape[1],):
-                raise DataError(f"{nc_file}: noise ceiling of shape {nc.shape}, expected ({fmri.shape[1]},)")
-    return {"n_images": len(images), "n_vertices": n_vertices, "images": images}
+        ceilings[hemi] = load_noise_ceiling(paths, hemi, fmri.shape[1], noise_ceiling_dir)
+    if paths.test_images is not None:
+        check_png_files(list_images(paths.test_images))
+    return {"n_images": len(images), "n_vertices": n_vertices, "images": images, "noise_ceiling": ceilings}
 
 
-def load_noise_ceiling(paths: SubjectPaths, hemi: str) -> np.ndarray | None:
-    """Per-vertex noise ceiling (fraction of explainable variance, 0..1) where the data has one."""
-    nc_file = paths.noise_ceiling.get(hemi)
-    return None if nc_file is None else np.load(nc_file, allow_pickle=False).astype(np.float32)
+def load_noise_ceiling(paths: SubjectPaths, hemi: str, n_vertices: int | None = None,
+                       noise_ceiling_dir=None) -> np.ndarray | None:
+    """Per-vertex noise ceiling as a float32 fraction (0..1) of explainable variance, validated; None if absent.
+
+    The challenge download has none: give noise_ceiling_dir with subjXX/{lh,rh}_noise_ceiling.npy (1-D over the
+    challenge-space vertices), e.g. from NSD's ncsnr: NC = ncsnr^2 / (ncsnr^2 + 1/n), n the repeats averaged (3),
+    or the organisers' test-split files. Else the data's own <data_dir>/subjXX/noise_ceiling/ (the demo's).
+    Values in 0..100 with a maximum above 1 are taken as percentages and divided by 100 (with a note).
+    """
+    path = paths.noise_ceiling.get(hemi)
+    if noise_ceiling_dir is not None:
+        path = Path(noise_ceiling_dir) / subject_dir_name(paths.subject) / f"{hemi}_noise_ceiling.npy"
+        if not path.is_file():
+            raise DataError(f"{path}: noise ceiling file not found (expected <noise_ceiling_dir>/subjXX/"
+                            "{lh,rh}_noise_ceiling.npy, one value per challenge-space vertex)")
+    if path is None:
+        return None
+    try:
+        nc = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as err:
+        raise DataError(f"{path}: not a readable .npy array ({err})") from None
+    if nc.ndim != 1 or (n_vertices is not None and nc.shape[0] != n_vertices) or nc.dtype.kind not in "fiu":
+        raise DataError(f"{path}: noise ceiling of shape {nc.shape} ({nc.dtype}), expected a 1-D numeric array "
+                        f"of {n_vertices if n_vertices is not None else 'V'} vertices (the {hemi} fMRI columns)")
+    nc = nc.astype(np.float64)
+    if not np.isfinite(nc).all():
+        bad = np.flatnonzero(~np.isfinite(nc))[0]
+        raise DataError(f"{path}: non-finite noise ceiling (NaN or inf) at vertex {bad}; expected finite values")
+    if nc.size and (nc.min() < 0 or nc.max() > 100):
+        raise DataError(f"{path}: noise ceiling values in [{nc.min():.3g}, {nc.max():.3g}]; expected a fraction "
+                        "in 0..1 or a percentage in 0..100")
+    if nc.size and nc.max() > 1:
+        print(f"note: {path}: noise ceiling up to {nc.max():.3g} taken as a percentage, divided by 100")
+        nc = nc / 100.0
+    return nc.astype(np.float32)
 
 
-# ---------------------------------------------------------------------------------------------
-# One train / val / test split for every stage.
-# ---------------------------------------------------------------------------------------------
+# ---- One train / val / test split for every stage ----
 
 SPLIT_NAMES = ("train", "val", "test")
 _NSD_ID_SPACE = 73000  # NSD has 73,000 images
@@ -414,9 +420,7 @@ def get_split(out_dir, subject: int, image_paths, seed: int = 0,
     return split
 
 
-# ---------------------------------------------------------------------------------------------
-# Image cache: PNGs decoded once into a memory-mapped uint8 N x 3 x S x S array.
-# ---------------------------------------------------------------------------------------------
+# ---- Image cache: PNGs decoded once into a memory-mapped uint8 N x 3 x S x S array ----
 
 
 def decode_image(path, size: int) -> np.ndarray:
@@ -464,9 +468,17 @@ def load_image_cache(out_dir, subject: int, image_paths, size: int = 224, tag: s
     return np.load(path, mmap_mode="r")
 
 
-# ---------------------------------------------------------------------------------------------
-# One subject loader for every stage.
-# ---------------------------------------------------------------------------------------------
+def load_challenge_images(paths: SubjectPaths, out_dir, size: int) -> np.ndarray | None:
+    """The subject's challenge test images (no fMRI), decoded once into a memmapped cache; None if absent."""
+    if paths.test_images is None:
+        return None
+    image_paths = list_images(paths.test_images)
+    if not image_paths:
+        return None
+    return load_image_cache(out_dir, paths.subject, image_paths, size=size, tag="challenge")
+
+
+# ---- One subject loader for every stage ----
 
 
 def check_hemisphere(hemi: str) -> str:
@@ -491,16 +503,17 @@ class Subject:
 
 def load_subject(data_dir, subject: int, out_dir=None, image_size: int | None = None, split_seed: int = 0,
                  hemispheres=HEMISPHERES, check_values: bool = True, fmri_in_ram: bool = False,
-                 build_first=None) -> Subject:
+                 build_first=None, noise_ceiling_dir=None) -> Subject:
     """Validate one subject, then load its split (from out_dir), image cache, fMRI, ROI indices, noise ceiling.
 
+    noise_ceiling_dir: where the per-vertex noise ceilings are (see load_noise_ceiling).
     build_first: an optional context manager under which the split and image cache are made
     (torchrun: rank 0 first, so ranks never build the same cache at once).
     """
     import contextlib
     hemispheres = [check_hemisphere(h) for h in hemispheres]
     paths = find_subject(data_dir, subject)
-    info = validate_subject(paths, check_values)
+    info = validate_subject(paths, check_values, noise_ceiling_dir)
     split = images = None
     with build_first() if build_first is not None else contextlib.nullcontext():
         if out_dir is not None:
@@ -511,5 +524,5 @@ def load_subject(data_dir, subject: int, out_dir=None, image_size: int | None = 
     for hemi in hemispheres:
         fmri[hemi] = np.array(load_fmri(paths, hemi)) if fmri_in_ram else load_fmri(paths, hemi)
         rois[hemi] = roi_voxel_indices(paths, hemi, info["n_vertices"][hemi])
-        ceiling[hemi] = load_noise_ceiling(paths, hemi)
+        ceiling[hemi] = info["noise_ceiling"][hemi]
     return Subject(subject, paths, info["images"], info["n_vertices"], split, images, fmri, rois, ceiling)

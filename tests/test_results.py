@@ -33,10 +33,10 @@ def read_csv(path) -> list[dict]:
         return list(csv.DictReader(fh))
 
 
-def plant_layer_signal(root, out, layer: str, subjects=(1,), noise: float = 0.3, seed: int = 0):
-    """Overwrite the fMRI with a linear readout of one layer of the untuned (weights=none) AlexNet."""
+def plant_layer_signal(root, out, layer: str, subjects=(1,), noise: float = 0.3, seed: int = 0, backbone=None):
+    """Overwrite the fMRI with a linear readout of one layer of a backbone (default: untuned, weights=none)."""
     rng = np.random.default_rng(seed)
-    backbone = features.load_backbone("untuned:none", "cpu")
+    backbone = backbone if backbone is not None else features.load_backbone("untuned:none", "cpu")
     for subject in subjects:
         paths = utils.find_subject(root, subject)
         images = utils.list_images(paths.train_images)
@@ -122,6 +122,7 @@ def pipeline(tmp_path_factory):
             run(f"{method}_model_training_all_rois.py", *common, f"--subject={subject}", "--hemispheres=lh",
                 "--rois=FFA-1", "--epochs=1", "--batch_size=24")
     proc = run("generate_results.py", *common, f"--results_dir={results}", "--hemispheres=lh",
+               "--layers=features.5,features.12,classifier.6",
                "--rois=FFA-1,V1v,mTL-faces", "--cross_subj_rois=FFA-1", "--classification_rois=FFA-1",
                "--n_bootstrap=50", "--classification_max_per_class=16")
     return {"root": root, "out": out, "results": results, "stdout": proc.stdout}
@@ -136,7 +137,7 @@ def test_single_subject_tables(pipeline):
     assert np.isfinite(float(rows["V1v"]["median_r_untuned"]))
     assert rows["V1v"]["median_r_cl"] == "nan"  # no model trained for V1v: an empty cell, the rest computed
     assert 0 <= float(rows["FFA-1"]["pct_improved_cl_vs_untuned"]) <= 100
-    assert 0 <= float(rows["FFA-1"]["wilcoxon_p_cl_vs_untuned"]) <= 1
+    assert 0 < float(rows["FFA-1"]["perm_p_median_cl_vs_untuned"]) <= 1
     voxel_r = np.load(pipeline["results"] / "subj01" / "single_subj_lh_voxel_r.npz")
     assert voxel_r["FFA-1"].shape == (3, 30) and np.isfinite(voxel_r["FFA-1"]).all()
     # The table's numbers are the medians of the saved per-voxel r.
@@ -158,8 +159,8 @@ def test_untuned_score_matches_sklearn_and_scipy(pipeline):
     from sklearn.linear_model import Ridge
     root, out = pipeline["root"], pipeline["out"]
     alphas = [1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7]
-    encoding_study = study.EncodingStudy(root, out, ["lh"], "none", 64, 0, 1000, 0, 64, 1.0, "per-voxel", alphas,
-                                         "classifier.6", "best", "cpu")
+    encoding_study = study.EncodingStudy(root, out, ["lh"], "none", 64, 0, 1000, 0, 64, "per-voxel", alphas,
+                                         "best", "best", "cpu")
     layer = study.load_best_layers(out, 1, "lh")["FFA-1"]
     feats = encoding.unit_scale(encoding_study.features(1, "untuned:none", [layer])[layer])
     d = encoding_study.subject(1)
@@ -207,3 +208,36 @@ def test_missing_best_layer_is_one_clear_error(tmp_path):
     assert proc.returncode == 1
     assert "lh_best_layer.json: not found; run get_best_alex_layer.py for subject 1 first" in proc.stderr
     assert not (tmp_path / "R").exists()
+
+
+def test_tuned_layer_search_finds_a_conv_layer_gain(tmp_path):
+    """Fine-tuning that changed only conv2: the default search reads the tuned net at features.5 and finds
+    the gain; reading it at classifier.6 (the old default) cannot see it."""
+    import torch
+    root = make_tiny_dataset(tmp_path / "data", subjects=(1,), n_images=160)
+    out = tmp_path / "out"
+    untuned = features.load_backbone("untuned:none", "cpu")
+    tuned_cl = models.build_model("cl", 30, "none")
+    tuned_cl.backbone.load_state_dict(untuned.state_dict())
+    with torch.no_grad():  # "fine-tuning" moved conv2 (the layer under features.5) and nothing else
+        tuned_cl.backbone.features[3].weight.copy_(torch.randn_like(tuned_cl.backbone.features[3].weight) * 0.05)
+    ffa = utils.roi_voxel_indices(utils.find_subject(root, 1), "lh")["FFA-1"]
+    models.save_checkpoint(models.checkpoint_path(out, "cl", 1, "lh", "FFA-1"), tuned_cl, roi_voxel_indices=ffa,
+                           method="cl", n_voxels=30)
+    plant_layer_signal(root, out, "features.5", backbone=tuned_cl.backbone.eval())
+    common = [f"--data_dir={root}", f"--out_dir={out}", "--hemispheres=lh", *TINY,
+              "--layers=features.2,features.5,features.12,classifier.6"]
+    run("get_best_alex_layer.py", *common)
+    rows = {}
+    for tuned_layer in ("best", "classifier.6"):
+        results = tmp_path / f"R_{tuned_layer}"
+        run("generate_results.py", *common, f"--results_dir={results}", "--result_type=single-subj",
+            "--rois=FFA-1", "--methods=cl", f"--tuned_layer={tuned_layer}", "--n_bootstrap=20")
+        rows[tuned_layer] = read_csv(results / "subj01" / "single_subj_lh.csv")[0]
+    best, logits = rows["best"], rows["classifier.6"]
+    assert best["layer_cl"] == "features.5" and logits["layer_cl"] == "classifier.6"
+    search = json.loads((out / "best_layer" / "subj01" / "lh_best_layer_cl.json").read_text())["FFA-1"]
+    assert search["layer"] == "features.5" and len(search["val_r"]) == 4
+    # the planted readout is recovered from the tuned conv layer, not from the logits or the untuned net
+    assert float(best["median_r_cl"]) > float(logits["median_r_cl"]) + 0.1
+    assert float(best["median_r_cl"]) > float(best["median_r_untuned"]) + 0.03

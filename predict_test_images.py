@@ -1,0 +1,181 @@
+"""Predict the challenge's test images for every vertex: an Algonauts 2023 submission from this repo's features.
+
+For each subject and hemisphere, every vertex chooses among candidate feature sets: the 8 untuned AlexNet
+layers, plus each tuned backbone (CL, reg, pooled) whose ROI contains the vertex, read at the layer the results
+stage chose for it (generate_results.py; searched here if it has not run). Each candidate is fitted on the train
+split with one alpha per vertex (chosen on val, or by GCV), every vertex keeps the candidate and alpha with the
+best val r, and with that choice fixed the model is refitted on train + val and predicts the test images.
+Vertices in no ROI use untuned layers. Writes submission_dir/subjXX/{lh,rh}_pred_test.npy (float32, test images
+x vertices, rows in test-image file order), a zip of the subjXX folders, and the val-based estimate of what was
+submitted: per-vertex val r and choice, a per-ROI table (median and mean val r, challenge score where a noise
+ceiling is given, the share of vertices choosing each kind of candidate) and a figure of those shares.
+"""
+# ---- OPTIONS (override with --name=value or --config=FILE.json) ----
+data_dir = "algonauts_2023_challenge_data"  # Algonauts 2023 download (read only; needs test_split/test_images)
+out_dir = "out"                             # splits, caches, best layers and models from the earlier stages
+submission_dir = "submission"               # where subjXX/{lh,rh}_pred_test.npy, the zip and the report go
+subjects = []                               # [] = every subject in data_dir
+hemispheres = ["lh", "rh"]                  # a submission needs both
+features = "best"                           # best (untuned + every tuned set) | untuned | cl | reg | pooled-cl |
+                                            # pooled-reg (untuned layers + that tuned set only)
+tuned_sets = ["cl", "reg", "pooled-cl", "pooled-reg"]  # tuned sets considered by features=best
+layers = []                                 # untuned candidates (+ tuned layers searched); [] = all 8
+weights = "IMAGENET1K_V1"                   # untuned AlexNet weights (as in get_best_alex_layer.py)
+checkpoint = "best"                         # best or last checkpoint of each tuned model
+tuned_layer = "best"                        # as generate_results.py: best | untuned | a layer name
+pooled_h_method = "constant"                # which pooled CL models (as generate_results.py)
+layer_statistic = "median"                  # as generate_results.py (for tuned layers searched here)
+image_size = 224                            # pixels fed to AlexNet (as in every stage)
+pca_components = 1000                       # PCA size for wide layers (fitted on train only)
+alphas = []                                 # ridge alpha grid; [] = encoding.ALPHAS
+alpha_selection = "val"                     # val (each vertex's alpha and candidate by val r) | gcv (alpha by
+                                            # generalized cross-validation on train; candidate by val r)
+alpha_holdout = 0.1                         # for tuned layers searched here (as generate_results.py)
+noise_ceiling_dir = ""                      # for the challenge-score estimate; "" = the data's own, if any
+make_zip = True                             # also write submission_dir/submission.zip
+split_seed = 0                              # seed of the train/val/test split (read back from out_dir)
+seed = 0                                    # PCA seed
+batch_size = 128                            # images per forward pass
+device = "auto"                             # auto (cuda if present), cpu, cuda, ...
+# ---------------------------------------------------------------------
+import zipfile
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+import encoding
+import models
+import options
+import outputs
+import plots
+import study as encoding_study
+import utils
+
+config = options.apply_options(globals())
+layers = list(layers or models.ALEXNET_LAYERS)
+if features not in ("best", "untuned") + encoding_study.TUNED_METHODS + encoding_study.POOLED_SETS:
+    raise utils.OptionsError(f"--features={features}: expected best, untuned, "
+                             + ", ".join(encoding_study.TUNED_METHODS + encoding_study.POOLED_SETS))
+if alpha_selection not in ("val", "gcv"):
+    raise utils.OptionsError(f"--alpha_selection={alpha_selection}: expected val or gcv")
+candidate_sets = list(tuned_sets) if features == "best" else [] if features == "untuned" else [features]
+torch_device = options.resolve_device(device)
+alpha_grid = list(alphas or encoding.ALPHAS)
+subject_list = utils.resolve_subjects(data_dir, subjects)
+study = encoding_study.EncodingStudy(data_dir, out_dir, hemispheres, weights, image_size, split_seed, pca_components,
+                                     seed, batch_size, "per-voxel", alpha_grid, tuned_layer, checkpoint, torch_device,
+                                     layers, alpha_holdout, noise_ceiling_dir=noise_ceiling_dir or None,
+                                     layer_statistic=layer_statistic, pooled_h_method=pooled_h_method)
+# validate every subject (and that it has test images) before writing anything
+challenge = {}
+for subject in subject_list:
+    d = study.subject(subject)
+    challenge[subject] = utils.load_challenge_images(d.paths, out_dir, image_size)
+    if challenge[subject] is None:
+        raise utils.DataError(f"{d.paths.train_images.parent.parent}: no test_split/test_images found for subject "
+                              f"{subject}; the submission needs the challenge's test images")
+
+
+def candidate_features(subject: int, spec: str, layer: str) -> dict:
+    """{'train', 'val', 'challenge'} features of one layer of one backbone, unit-scaled on train."""
+    feats = study.features(subject, spec, [layer], challenge_images=challenge[subject])[layer]
+    return encoding.unit_scale({name: feats[name] for name in ("train", "val", "challenge")})
+
+
+def fit_candidate(x: dict, y_train, y_val, compute_coef: bool):
+    """Ridge on train with one alpha per vertex by alpha_selection; its val r per vertex at that alpha."""
+    if alpha_selection == "gcv":
+        fit = encoding.fit_ridge(x["train"], y_train, alphas=alpha_grid, selection="gcv", device=torch_device)
+        return fit, encoding.pearson_r(y_val, fit.predict(x["val"]))
+    fit = encoding.fit_ridge(x["train"], y_train, x["val"], y_val, alphas=alpha_grid, compute_coef=compute_coef,
+                             device=torch_device)
+    return fit, fit.best_val_scores_
+
+
+summary_rows, predictions, choices = [], {}, {}
+for subject in subject_list:
+    d = study.subject(subject)
+    s2 = utils.subject_dir_name(subject)
+    n_test_images = len(challenge[subject])
+    for hemi in hemispheres:
+        fmri = np.asarray(d.fmri[hemi])
+        y_train, y_val = fmri[d.split["train"]], fmri[d.split["val"]]
+        n_vertices = fmri.shape[1]
+        # 1) every candidate's val r per vertex (NaN where the candidate does not apply)
+        candidates = [("untuned", None, layer, f"untuned:{weights}", np.arange(n_vertices)) for layer in layers]
+        for feature_set in candidate_sets:
+            for roi, idx in d.roi_voxel_indices[hemi].items():
+                ckpt = study.checkpoint_of(feature_set, subject, hemi, roi) if len(idx) else None
+                if ckpt is not None:
+                    layer = study.layer_of(feature_set, subject, hemi, roi)
+                    candidates.append((feature_set, roi, layer, str(ckpt), idx))
+        scores = np.full((len(candidates), n_vertices), -np.inf)
+        alpha_of = np.zeros((len(candidates), n_vertices))
+        for k, (feature_set, roi, layer, spec, idx) in enumerate(tqdm(candidates, desc=f"{s2} {hemi} candidates",
+                                                                      unit="candidate")):
+            fit, val_r = fit_candidate(candidate_features(subject, spec, layer), y_train[:, idx], y_val[:, idx],
+                                       compute_coef=False)
+            scores[k, idx] = np.nan_to_num(val_r, nan=-np.inf)
+            alpha_of[k, idx] = fit.alphas_
+        choice = scores.argmax(0)  # ties (and all-NaN vertices) go to the first candidate: an untuned layer
+        chosen_val_r = scores[choice, np.arange(n_vertices)]
+        chosen_val_r[~np.isfinite(chosen_val_r)] = np.nan
+        # 2) with the choice fixed, refit each chosen candidate on train + val and predict the test images
+        prediction = np.empty((n_test_images, n_vertices), dtype=np.float32)
+        for k in tqdm(np.unique(choice), desc=f"{s2} {hemi} refit on train+val", unit="candidate"):
+            vertices = np.flatnonzero(choice == k)
+            feature_set, roi, layer, spec, _ = candidates[k]
+            x = candidate_features(subject, spec, layer)
+            fit = encoding.fit_ridge(np.concatenate([x["train"], x["val"]]),
+                                     np.concatenate([y_train[:, vertices], y_val[:, vertices]]),
+                                     voxel_alphas=alpha_of[k, vertices], device=torch_device)
+            prediction[:, vertices] = fit.predict(x["challenge"])
+        if not np.isfinite(prediction).all():
+            raise utils.DataError(f"{s2} {hemi}: non-finite predictions; nothing written")
+        expected = (n_test_images, d.n_vertices[hemi])
+        if prediction.shape != expected:
+            raise utils.DataError(f"{s2} {hemi}: predictions of shape {prediction.shape}, expected {expected}")
+        kinds = np.array([c[0] if c[0] != "untuned" else f"untuned {c[2]}" for c in candidates])
+        predictions[(s2, hemi)] = prediction
+        choices[(s2, hemi)] = {"val_r": chosen_val_r, "kind": kinds[choice],
+                               "alpha": alpha_of[choice, np.arange(n_vertices)],
+                               "layer": np.array([candidates[k][2] for k in choice]),
+                               "roi": np.array([candidates[k][1] or "" for k in choice])}
+        # 3) the val-based estimate of what was submitted, overall and per ROI
+        ceiling = d.noise_ceiling.get(hemi)
+        groups = {"all vertices": np.arange(n_vertices), **{roi: idx for roi, idx in d.roi_voxel_indices[hemi].items()
+                                                            if len(idx)}}
+        for name, idx in groups.items():
+            row = {"subject": subject, "hemisphere": hemi, "vertices": name, "n_vertices": len(idx),
+                   "median_val_r": float(np.nanmedian(chosen_val_r[idx])),
+                   "mean_val_r": float(np.nanmean(chosen_val_r[idx]))}
+            if ceiling is not None:
+                row["mean_challenge_score_val"] = float(np.nanmean(encoding.challenge_score(chosen_val_r[idx],
+                                                                                           ceiling[idx])))
+            for kind in ["untuned"] + candidate_sets:
+                chosen_kinds = kinds[choice[idx]]
+                row[f"pct_{kind}"] = float(100 * np.mean([k.startswith(kind) for k in chosen_kinds]))
+            summary_rows.append(row)
+        print(f"{s2} {hemi}: median val r {np.nanmedian(chosen_val_r):.3f} over {n_vertices} vertices; "
+              f"tuned candidates chosen by {np.mean([not k.startswith('untuned') for k in kinds[choice]]):.1%}")
+
+# write only once every subject and hemisphere has valid predictions
+for (s2, hemi), prediction in predictions.items():
+    outputs.save_npy(Path(submission_dir) / s2 / f"{hemi}_pred_test.npy", prediction, config,
+                     rows="challenge test images in file order", columns="challenge-space vertices")
+    outputs.save_npz(Path(submission_dir) / "report" / s2 / f"{hemi}_choice.npz", choices[(s2, hemi)], config)
+report = Path(submission_dir) / "report"
+outputs.save_csv(report / "val_estimate.csv", summary_rows, config)
+outputs.save_text(report / "val_estimate.md", "## Val-split estimate of the submitted predictions\n\n"
+                  + outputs.markdown_table(summary_rows), config)
+outputs.save_figure(report / "candidate_shares.png", plots.plot_candidate_shares(summary_rows, ["untuned"]
+                                                                                 + candidate_sets), config)
+if make_zip:
+    def write_zip(fh):
+        with zipfile.ZipFile(fh, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+            for path in sorted(Path(submission_dir).glob("subj*/*_pred_test.npy")):
+                archive.write(path, path.relative_to(submission_dir).as_posix())
+    outputs.atomic_write(Path(submission_dir) / "submission.zip", write_zip, suffix=".tmp.zip")
+print(outputs.format_table([r for r in summary_rows if r["vertices"] == "all vertices"]))
+print(f"submission written to {submission_dir}")

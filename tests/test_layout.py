@@ -1,0 +1,54 @@
+"""The repo's layout: every module imports alone, the import graph is a tree, each says what it holds."""
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+SCRIPTS = sorted(p.stem for p in REPO.glob("*.py") if "# ---- OPTIONS" in p.read_text())
+MODULES = sorted(p.stem for p in REPO.glob("*.py") if p.stem not in SCRIPTS)
+
+
+def local_imports(name: str) -> set:
+    """The repo modules a file imports (at any depth of the file: function-level imports count too)."""
+    tree = ast.parse((REPO / f"{name}.py").read_text())
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module.split(".")[0])
+    return found & set(MODULES)
+
+
+def test_import_graph_has_no_cycle_and_modules_import_alone():
+    graph = {m: local_imports(m) for m in MODULES}
+    assert not graph["encoding"], "encoding.py depends on nothing else in the repo"
+    state = {}
+
+    def visit(node, path):
+        if state.get(node) == "done":
+            return
+        assert state.get(node) != "active", f"import cycle: {' -> '.join(path + [node])}"
+        state[node] = "active"
+        for dep in graph[node]:
+            visit(dep, path + [node])
+        state[node] = "done"
+    for module in MODULES:
+        visit(module, [])
+    code = "import importlib, sys; [importlib.import_module(m) for m in sys.argv[1:]]"
+    for module in MODULES:  # each in a fresh interpreter, so no import order hides a missing import
+        proc = subprocess.run([sys.executable, "-c", code, module], cwd=REPO, capture_output=True, text=True)
+        assert proc.returncode == 0, f"{module}: {proc.stderr[-500:]}"
+
+
+@pytest.mark.parametrize("name", MODULES + SCRIPTS)
+def test_every_file_says_what_it_holds_and_stays_readable(name):
+    text = (REPO / f"{name}.py").read_text()
+    assert ast.get_docstring(ast.parse(text)), f"{name}.py has no module docstring"
+    if name != "make_demo_data":  # the demo generator draws images and simulates responses (one job, long)
+        assert len(text.splitlines()) <= 530, f"{name}.py: {len(text.splitlines())} lines (about 500 at most)"

@@ -1,0 +1,135 @@
+"""predict_test_images.py: submission files, an independent scikit-learn pipeline, a planted tuned backbone."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import features
+import models
+import utils
+from conftest import REPO, make_tiny_dataset
+
+LAYERS = "features.5,classifier.6"
+TINY = ["--weights=none", "--image_size=64", "--device=cpu", f"--layers={LAYERS}"]
+N_TEST = 7
+
+
+def run(script: str, *args: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, str(REPO / script), *args], capture_output=True, text=True)
+    assert proc.returncode == 0, f"{script} failed:\n{proc.stderr[-3000:]}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def untuned_submission(tmp_path_factory):
+    """One subject, 96 training and 7 test images, untuned candidates only; run twice (determinism)."""
+    tmp = tmp_path_factory.mktemp("predict")
+    root = make_tiny_dataset(tmp / "data", subjects=(1,), n_images=96, n_test_images=N_TEST)
+    common = [f"--data_dir={root}", f"--out_dir={tmp / 'out'}", *TINY]
+    run("get_best_alex_layer.py", *common)
+    for name in ("a", "b"):
+        run("predict_test_images.py", *common, f"--submission_dir={tmp / name}", "--features=untuned")
+    return {"root": root, "out": tmp / "out", "a": tmp / "a", "b": tmp / "b"}
+
+
+def test_submission_files_shapes_and_determinism(untuned_submission):
+    import zipfile
+    for hemi in utils.HEMISPHERES:
+        a = np.load(untuned_submission["a"] / "subj01" / f"{hemi}_pred_test.npy")
+        b = np.load(untuned_submission["b"] / "subj01" / f"{hemi}_pred_test.npy")
+        assert a.dtype == np.float32 and a.shape == (N_TEST, 240) and np.isfinite(a).all()
+        np.testing.assert_array_equal(a, b)
+    names = zipfile.ZipFile(untuned_submission["a"] / "submission.zip").namelist()
+    assert sorted(names) == ["subj01/lh_pred_test.npy", "subj01/rh_pred_test.npy"]
+    report = untuned_submission["a"] / "report"
+    assert (report / "val_estimate.csv").is_file() and (report / "candidate_shares.png").is_file()
+
+
+def _val_r(y, p):
+    yc, pc = y - y.mean(0), p - p.mean(0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (yc * pc).sum(0) / np.sqrt((yc * yc).sum(0) * (pc * pc).sum(0))
+
+
+def test_untuned_submission_equals_an_independent_sklearn_pipeline(untuned_submission):
+    """PCA on train, unit scale, Ridge per vertex and alpha, each vertex's best (layer, alpha) by val r,
+    refit on train + val, predict the test images in file order: scikit-learn and numpy only."""
+    from sklearn.decomposition import PCA
+    from sklearn.linear_model import Ridge
+    import encoding
+    root, out = untuned_submission["root"], untuned_submission["out"]
+    paths = utils.find_subject(root, 1)
+    split = utils.get_split(out, 1, utils.list_images(paths.train_images))
+    train_cache = utils.load_image_cache(out, 1, utils.list_images(paths.train_images), size=64)
+    test_files = utils.list_images(paths.test_images)      # file order = the submission's row order
+    test_images = np.stack([utils.decode_image(p, 64) for p in test_files])
+    backbone = features.load_backbone("untuned:none", "cpu")
+    layers = LAYERS.split(",")
+    raw_train = features.extract_features(backbone, train_cache, None, layers)
+    raw_test = features.extract_features(backbone, test_images, None, layers)
+    sets = {}
+    for layer in layers:
+        x, xt = raw_train[layer], raw_test[layer]
+        if x.shape[1] > 1000:  # as the pipeline: PCA(min(1000, n_train)) for layers wider than 1000
+            pca = PCA(n_components=min(1000, len(split["train"]), x.shape[1]), svd_solver="randomized",
+                      random_state=0).fit(x[split["train"]])
+            x, xt = pca.transform(x), pca.transform(xt)
+        scale = np.sqrt(np.mean(np.var(x[split["train"]].astype(np.float64), axis=0)))
+        sets[layer] = (x / scale, xt / scale)
+    for hemi in utils.HEMISPHERES:
+        y = np.load(paths.fmri[hemi]).astype(np.float64)
+        y_train, y_val = y[split["train"]], y[split["val"]]
+        val_r = np.array([[_val_r(y_val, Ridge(alpha=a).fit(sets[layer][0][split["train"]], y_train)
+                                  .predict(sets[layer][0][split["val"]])) for a in encoding.ALPHAS] for layer in layers])
+        flat = val_r.reshape(-1, y.shape[1])                    # (layer, alpha) x vertices, layers first
+        best = np.nanargmax(flat, axis=0)
+        layer_of, alpha_of = best // len(encoding.ALPHAS), best % len(encoding.ALPHAS)
+        expected = np.empty((N_TEST, y.shape[1]))
+        trainval = np.concatenate([split["train"], split["val"]])
+        for (li, ai) in {(int(li), int(ai)) for li, ai in zip(layer_of, alpha_of)}:
+            vertices = np.flatnonzero((layer_of == li) & (alpha_of == ai))
+            x, xt = sets[layers[li]]
+            fit = Ridge(alpha=encoding.ALPHAS[ai]).fit(x[trainval], y[trainval][:, vertices])
+            expected[:, vertices] = fit.predict(xt).reshape(N_TEST, len(vertices))
+        choice = np.load(untuned_submission["a"] / "report" / "subj01" / f"{hemi}_choice.npz")
+        ours = np.load(untuned_submission["a"] / "subj01" / f"{hemi}_pred_test.npy")
+        # the chosen candidate's val r is the best one up to float32 rounding (near-ties may break either way)
+        np.testing.assert_allclose(choice["val_r"], flat.max(0), atol=1e-4)
+        same = (choice["layer"] == np.array(layers)[layer_of]) & np.isclose(choice["alpha"],
+                                                                            np.array(encoding.ALPHAS)[alpha_of])
+        assert same.mean() > 0.97
+        # float32 ridge vs float64 sklearn on responses of unit scale
+        np.testing.assert_allclose(ours[:, same], expected[:, same], atol=1e-4)
+
+
+def test_a_vertex_covered_by_a_planted_tuned_backbone_picks_it(tmp_path):
+    """FFA-1's responses are a readout of a tuned backbone's conv layer: its vertices choose the CL candidate."""
+    root = make_tiny_dataset(tmp_path / "data", subjects=(1,), n_images=120, n_test_images=3)
+    out = tmp_path / "out"
+    untuned = features.load_backbone("untuned:none", "cpu")
+    tuned = models.build_model("cl", 30, "none")
+    tuned.backbone.load_state_dict(untuned.state_dict())
+    with torch.no_grad():  # the "fine-tuning" changed conv2 only
+        tuned.backbone.features[3].weight.copy_(torch.randn_like(tuned.backbone.features[3].weight) * 0.05)
+    paths = utils.find_subject(root, 1)
+    ffa = utils.roi_voxel_indices(paths, "lh")["FFA-1"]
+    models.save_checkpoint(models.checkpoint_path(out, "cl", 1, "lh", "FFA-1"), tuned, roi_voxel_indices=ffa,
+                           subjects=[1], method="cl")
+    cache = utils.load_image_cache(out, 1, utils.list_images(paths.train_images), size=64)
+    readout = features.extract_features(tuned.backbone.eval(), cache, None, ["features.5"])["features.5"]
+    scores = np.linalg.svd(readout - readout.mean(0), full_matrices=False)[0][:, :5]
+    fmri = np.load(paths.fmri["lh"])
+    rng = np.random.default_rng(0)
+    fmri[:, ffa] = (scores @ rng.normal(size=(5, len(ffa)))) / scores.std() + 0.3 * rng.normal(size=(120, len(ffa)))
+    np.save(paths.fmri["lh"], fmri.astype(np.float32))
+    common = [f"--data_dir={root}", f"--out_dir={out}", *TINY]
+    run("get_best_alex_layer.py", *common, "--hemispheres=lh")
+    run("predict_test_images.py", *common, f"--submission_dir={tmp_path / 'sub'}", "--hemispheres=lh",
+        "--features=cl", "--tuned_layer=features.5")
+    choice = np.load(tmp_path / "sub" / "report" / "subj01" / "lh_choice.npz")
+    assert (choice["kind"][ffa] == "cl").mean() > 0.9
+    assert not (np.delete(choice["kind"], ffa) == "cl").any()   # a tuned backbone only competes in its ROI
