@@ -8,8 +8,8 @@
 (e) vectorised pearson_r vs a scipy.stats.pearsonr loop over voxels (target >= 100x);
 (f) peak memory (RSS) of the process running our fit, data included (target < 6 GB);
 and how often GCV and val selection choose the same alpha, with the median |val r difference| between them.
-(loader) one epoch of training batches from a 224 px uint8 image cache: the hand-written thread prefetch vs the
-torch DataLoader of training_data.py (--benchmarks=loader; written to loader_benchmark.md/json).
+(training, loader, gpu) run benchmark_training.py: training images/s per variant and batch delivery on this CPU
+(--benchmarks=training,loader), or everything on one GPU with the real settings (--benchmarks=gpu).
 Every fit runs in a fresh child process (its own peak RSS; no torch/OpenBLAS thread pools spinning
 against each other) and the methods alternate over rounds, so background load hits them alike.
 All libraries get the same float32 arrays; the table says what dtype each computed in.
@@ -29,11 +29,6 @@ fits_per_child = 3               # timed fits in each child (the first includes 
 himalaya_backend = "numpy"       # himalaya backend on CPU: numpy (measured 1.1-1.3x faster here than torch)
 himalaya_fits = 1                # himalaya fits (~150 s each here), one per child, in the first rounds
 write_summary = True             # write benchmark.md and benchmark.json to out_dir
-loader_images = 2000             # loader: synthetic uint8 image cache (memmap in a temp dir) of this many images
-loader_image_size = 224          # loader: px
-loader_batch_size = 256          # loader: batch
-loader_rounds = 5                # loader: epochs per variant, variants interleaved
-loader_device = "cpu"            # loader: where batches are normalised ("cuda": pinned memory and copies too)
 child = ""                       # internal: JSON of one timed fit, run in a fresh process by the parent
 # ---------------------------------------------------------------------
 import importlib.util
@@ -51,7 +46,7 @@ import options
 import outputs
 import utils
 
-KNOWN = ("ridge", "gcv", "himalaya", "ridgecv", "pearson", "memory", "loader")
+KNOWN = ("ridge", "gcv", "himalaya", "ridgecv", "pearson", "memory", "training", "loader", "gpu")
 
 
 def peak_rss_gb() -> float:
@@ -155,99 +150,19 @@ if himalaya_backend not in ("numpy", "torch"):
     raise utils.OptionsError(f"--himalaya_backend={himalaya_backend}: expected numpy or torch")
 
 
-# ---- loader: one epoch's batch delivery, hand-written prefetch thread vs torch DataLoader ----
-if "loader" in benchmarks:
-    import tempfile
-
-    import torch
-
-    import features
-    import training_data
-
-    device = options.resolve_device(loader_device)
-    pin = device.type == "cuda"
-
-    def handwritten_epoch(images, rows, epoch, consume):
-        """The former training.epoch_batches + features.prefetched thread + read_rows."""
-        order = np.random.default_rng([seed, epoch]).permutation(rows)
-        batches = [np.sort(b) for b in training_data.near_equal_batches(order, loader_batch_size)]
-        for batch, _ in features.prefetched(lambda r: features.read_rows(images, r, pin), batches):
-            consume(batch)
-
-    def dataloader_epoch(loader, epoch, consume):
-        loader.batch_sampler.set_epoch(epoch)
-        for batch in loader:
-            consume(batch["images"])
-
-    def read_ahead_epoch(loader, epoch, consume):  # what training does with loader_workers=0
-        loader.batch_sampler.set_epoch(epoch)
-        for batch in training_data.read_batches(loader):
-            consume(batch["images"])
-
-    def time_epoch(run, loader_or_images, epoch, normalise):
-        """(epoch seconds, seconds the consumer waited for batches); normalise: the loop's first step on each
-        batch (uint8 -> normalised float on the device), else the batch is only received."""
-        waited, t_last = [], [0.0]
-
-        def consume(batch):
-            waited.append(time.perf_counter() - t_last[0])
-            if normalise:
-                features.prepare_images(batch, device, channels_last=True)
-                if pin:
-                    torch.cuda.synchronize(device)
-            t_last[0] = time.perf_counter()
-
-        t0 = t_last[0] = time.perf_counter()
-        if run is handwritten_epoch:
-            run(loader_or_images, np.arange(loader_images), epoch, consume)
-        else:
-            run(loader_or_images, epoch, consume)
-        return time.perf_counter() - t0, sum(waited)
-
-    with tempfile.TemporaryDirectory() as tmp:
-        shape = (loader_images, 3, loader_image_size, loader_image_size)
-        cache = np.lib.format.open_memmap(Path(tmp) / "cache.npy", mode="w+", dtype=np.uint8, shape=shape)
-        for start in range(0, loader_images, 256):  # write in chunks: flat memory
-            cache[start:start + 256] = np.random.default_rng(start).integers(0, 256, cache[start:start + 256].shape,
-                                                                             dtype=np.uint8)
-        cache.flush()
-        del cache
-        images = np.load(Path(tmp) / "cache.npy", mmap_mode="r")
-        rows = np.arange(loader_images)
-        dataset = training_data.ImageRows([images])
-        variants = {"hand-written (thread prefetch)": (handwritten_epoch, images)}
-        for workers in (0, 1, 2):
-            sampler = training_data.GlobalBatchSampler(dataset, [rows], loader_batch_size, seed)
-            loader = training_data.make_loader(dataset, sampler, device, workers)
-            variants[f"DataLoader, {workers} worker{'s' * (workers != 1)}"] = (dataloader_epoch, loader)
-            if workers == 0:
-                variants["DataLoader, 0 workers, read-ahead thread"] = (read_ahead_epoch, loader)
-        loader_times = {(name, normalise): [] for name in variants for normalise in (False, True)}
-        for run, arg in variants.values():  # warm-up: page cache, worker start-up, allocator
-            time_epoch(run, arg, 0, True)
-        for r in range(loader_rounds):
-            for (name, normalise), times in loader_times.items():
-                times.append(time_epoch(*variants[name], r + 1, normalise))
-        del variants, loader, dataset, images
-    loader_rows = []
-    for (name, normalise), times in loader_times.items():
-        best = min(t for t, _ in times)
-        reference = min(t for t, _ in loader_times[("hand-written (thread prefetch)", normalise)])
-        loader_rows.append({"consumer": "normalise" if normalise else "receive only", "variant": name,
-                            "epoch_s_best": best, "epoch_s_median": float(np.median([t for t, _ in times])),
-                            "waited_s_median": float(np.median([w for _, w in times])),
-                            "images_per_s": loader_images / best, "vs_hand_written": best / reference})
-    loader_rows.sort(key=lambda row: row["consumer"] == "normalise")
-    loader_text = (f"# Loader benchmark\n\none epoch of {loader_images} images ({loader_image_size} px uint8 memmap, "
-                   f"page cache warm), batch {loader_batch_size}, device {device}; consumer 'receive only' "
-                   f"takes each batch, 'normalise' also runs the loop's uint8 -> float step; best and median of "
-                   f"{loader_rounds} epochs per variant, variants interleaved; torch threads {torch.get_num_threads()}"
-                   "\n\n" + outputs.format_table(loader_rows, float_format="{:.3g}") + "\n")
-    print(loader_text)
-    if write_summary:
-        outputs.save_text(Path(out_dir) / "loader_benchmark.md", loader_text, config)
-        outputs.save_json(Path(out_dir) / "loader_benchmark.json", {"options": config, "rows": loader_rows}, config)
-    if set(benchmarks) == {"loader"}:
+# ---- training, loader, gpu: timed by benchmark_training.py in its own process ----
+delegated = [name for name in ("training", "loader", "gpu") if name in benchmarks]
+if delegated:
+    command = [sys.executable, str(Path(__file__).resolve().parent / "benchmark_training.py"), f"--out_dir={out_dir}"]
+    if "gpu" in delegated:  # one GPU, the real settings: 224 px, batch 1024, the whole image cache
+        command += ["--device=cuda", "--benchmarks=training,ridge,loader"]
+    else:
+        command += ["--device=cpu", "--batch_size=64", "--steps=3", "--warmup=1",
+                    "--benchmarks=" + ",".join(d for d in delegated),
+                    "--variants=fp32,fp32-cl,bf16-cl,bf16-cl-resident"]
+    if subprocess.run(command).returncode:
+        sys.exit(1)
+    if set(benchmarks) <= {"training", "loader", "gpu"}:
         sys.exit(0)
 
 sizes = dict(n_train=n_train, n_val=n_val, n_features=n_features, n_voxels=n_voxels, n_alphas=n_alphas, seed=seed)
