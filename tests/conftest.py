@@ -14,6 +14,29 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 import utils  # noqa: E402
 
 
+def run_script(script: str, *args: str) -> str:
+    """Run a pipeline script in this process (no interpreter and torch start-up per run); return its stdout.
+
+    Scripts read their options from sys.argv, so it is set for the run; global state a script changes (torch
+    threads, the excepthook) is restored. Error paths (exit status, one-line stderr) are tested in subprocesses.
+    """
+    import contextlib
+    import io
+    import runpy
+
+    import torch
+    saved = sys.argv, torch.get_num_threads(), sys.excepthook
+    sys.argv = [str(REPO / script), *args]
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out):
+            runpy.run_path(str(REPO / script), run_name="__main__")
+    finally:
+        sys.argv, threads, sys.excepthook = saved
+        torch.set_num_threads(threads)
+    return out.getvalue()
+
+
 def write_mapping(path: Path, mapping: dict) -> None:
     """Write a mapping_<family>.npy the way the official download stores it (a pickled dict)."""
     np.save(path, np.array(mapping, dtype=object))

@@ -1,8 +1,6 @@
 """predict_test_images.py: submission files, an independent scikit-learn pipeline, a planted tuned backbone."""
 from __future__ import annotations
 
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -11,17 +9,11 @@ import torch
 import features
 import models
 import utils
-from conftest import REPO, make_tiny_dataset
+from conftest import make_tiny_dataset, run_script as run
 
 LAYERS = "features.5,classifier.6"
 TINY = ["--weights=none", "--image_size=64", "--device=cpu", f"--layers={LAYERS}"]
 N_TEST = 7
-
-
-def run(script: str, *args: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, str(REPO / script), *args], capture_output=True, text=True)
-    assert proc.returncode == 0, f"{script} failed:\n{proc.stderr[-3000:]}"
-    return proc
 
 
 @pytest.fixture(scope="module")

@@ -17,15 +17,9 @@ import models
 import outputs
 import study
 import utils
-from conftest import REPO, make_tiny_dataset
+from conftest import REPO, make_tiny_dataset, run_script as run
 
 TINY = ["--weights=none", "--image_size=64", "--device=cpu"]
-
-
-def run(script: str, *args: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, str(REPO / script), *args], capture_output=True, text=True)
-    assert proc.returncode == 0, f"{script} failed:\n{proc.stderr[-3000:]}"
-    return proc
 
 
 def read_csv(path) -> list[dict]:
@@ -125,7 +119,7 @@ def pipeline(tmp_path_factory):
                "--layers=features.5,features.12,classifier.6",
                "--rois=FFA-1,V1v,mTL-faces", "--cross_subj_rois=FFA-1", "--classification_rois=FFA-1",
                "--n_bootstrap=50", "--classification_max_per_class=16")
-    return {"root": root, "out": out, "results": results, "stdout": proc.stdout}
+    return {"root": root, "out": out, "results": results, "stdout": proc}
 
 
 def test_single_subject_tables(pipeline):

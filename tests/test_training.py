@@ -24,7 +24,7 @@ import models
 import training
 import training_data
 import utils
-from conftest import make_tiny_dataset
+from conftest import make_tiny_dataset, run_script
 from test_models import reference_cl_loss
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,13 +69,6 @@ def sources_of(tiny, roi, subjects=(1,)):
 def train(tiny, method, roi, run_dir, settings, subjects=(1,)):
     return training.train_roi_model(method, sources_of(tiny, roi, subjects), run_dir, settings, {"test": True},
                                     tiny["runtime"])
-
-
-def run_script(script, *args, timeout=300):
-    proc = subprocess.run([sys.executable, str(REPO / script), *args], capture_output=True, text=True,
-                          timeout=timeout)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
 
 
 # ---- batches ----
