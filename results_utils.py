@@ -107,9 +107,9 @@ def markdown_report(rows: list[dict], feature_sets, comparisons) -> str:
     text = "### Accuracy per feature set (test split)\n\n" + outputs.markdown_table(
         rows, [c for c in accuracy if c in present])
     for a, b in comparisons:
-        columns = ["roi"] + [f"{k}_{a}_vs_{b}" for k in (
-            "pct_improved", "mean_diff", "ci95_mean_diff", "perm_p_mean", "perm_p_mean_fdr", "median_diff",
-            "ci95_median_diff", "perm_p_median", "perm_p_median_fdr")]
+        pair = f"{a}_vs_{b}"
+        columns = ["roi", f"pct_improved_{pair}"] + [c for stat in ("mean", "median") for c in (
+            f"{stat}_diff_{pair}", f"ci95_{stat}_diff_{pair}", f"perm_p_{stat}_{pair}", f"perm_p_{stat}_{pair}_fdr")]
         if columns[1] in present:
             text += (f"\n### {a} vs {b}: % voxels improved; difference of the ROI's mean and median r with 95% "
                      "bootstrap CI and permutation p over test images (and BH-FDR across ROIs)\n\n"

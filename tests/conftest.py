@@ -6,12 +6,24 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 import utils  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny networks on one thread: on a shared 2-core machine, OpenMP threads waiting for busy cores cost more
+    than the work."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def run_script(script: str, *args: str) -> str:

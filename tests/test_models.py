@@ -26,14 +26,7 @@ import utils
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny networks on one thread: on a shared 2-core machine, OpenMP threads waiting for busy cores cost more
-    than the work."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def reference_cl_loss(f: np.ndarray, g: np.ndarray, t: float, direction: str) -> float:

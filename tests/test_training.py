@@ -36,14 +36,7 @@ COMMON_ARGS = ["--weights=none", "--backbone=tiny", f"--image_size={SIZE}", "--b
                "--cpu_bf16=false", "--device=cpu"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny networks on one thread: on a shared 2-core machine, OpenMP threads waiting for busy cores cost more
-    than the work."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
