@@ -131,18 +131,23 @@ def long_rows(rows: list[dict], feature_sets) -> list[dict]:
 
 def group_table(rows: list[dict], feature_sets, comparisons) -> list[dict]:
     """The paper's table: per group (Early / Higher / Anatomical / All) the mean over ROIs (and subjects and
-    hemispheres) of each set's median and mean test r, on the ROIs where every set has a score, and the mean
-    % of voxels improved per comparison."""
+    hemispheres) of each set's median and mean test r on the ROIs where every per-subject set (untuned, reg, CL)
+    has a score; pooled sets over those of these ROIs where they have a model too (n_rois_<set> says how many).
+    Also the mean % of voxels improved per comparison."""
+    core = [s for s in feature_sets if s not in ("pooled-reg", "pooled-cl")]
     complete = [r for r in rows if r["n_voxels"]
-                and all(np.isfinite(float(r.get(f"median_r_{s}", np.nan))) for s in feature_sets)]
+                and all(np.isfinite(float(r.get(f"median_r_{s}", np.nan))) for s in core)]
     table = []
     for group in list(utils.ROI_GROUPS) + ["All"]:
         members = [r for r in complete if group == "All" or r["group"] == group]
         entry = {"group": group, "n_rois": len({(r["hemisphere"], r["roi"]) for r in members}),
                  "n_subjects": len({r["subject"] for r in members})}
-        for stat in ("median", "mean"):
-            for s in feature_sets:
-                values = [r[f"{stat}_r_{s}"] for r in members]
+        for s in feature_sets:
+            having = [r for r in members if np.isfinite(float(r.get(f"median_r_{s}", np.nan)))]
+            if s not in core:
+                entry[f"n_rois_{s}"] = len({(r["hemisphere"], r["roi"]) for r in having})
+            for stat in ("median", "mean"):
+                values = [r[f"{stat}_r_{s}"] for r in having]
                 entry[f"{stat}_r_{s}"] = float(np.mean(values)) if values else float("nan")
         for a, b in comparisons:
             values = np.array([r.get(f"pct_improved_{a}_vs_{b}", np.nan) for r in members], dtype=float)

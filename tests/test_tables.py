@@ -56,3 +56,14 @@ def test_across_subject_tests_match_scipy_and_need_three_subjects():
     assert everything["p_t"] == pytest.approx(stats.ttest_rel(a_all, b_all).pvalue)
     two = results_utils.across_subject_table(rows_for((1, 2)), ["untuned", "cl"], [("cl", "untuned")])
     assert all(t["n_subjects"] == 2 and np.isnan(t["p_t"]) for t in two)
+
+
+def test_group_table_takes_pooled_sets_where_they_have_a_model():
+    rows = rows_for()
+    for r in rows:
+        if r.get("roi") == "FFA-1":
+            r["median_r_pooled-cl"], r["mean_r_pooled-cl"] = 0.5 + r["subject"] / 100, 0.4
+    table = {t["group"]: t for t in results_utils.group_table(rows, ["untuned", "cl", "pooled-cl"], [])}
+    assert table["All"]["n_rois"] == 2 and table["All"]["n_rois_pooled-cl"] == 1
+    assert table["All"]["median_r_pooled-cl"] == pytest.approx(0.525)          # subjects 1-4 of FFA-1
+    assert table["All"]["median_r_cl"] == pytest.approx(np.mean([r["median_r_cl"] for r in rows if r["n_voxels"]]))
