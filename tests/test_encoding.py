@@ -286,7 +286,8 @@ def test_fit_pca_train_only_and_capped():
     rng = np.random.default_rng(5)
     X = (rng.normal(size=(80, 6)) @ rng.normal(size=(6, 300)) * 3 + rng.normal(size=(80, 300))).astype(np.float32)
     pca = encoding.fit_pca(X[:60], n_components=1000, seed=0)
-    assert pca.n_components_ == 60 and pca.transform(X[60:]).shape == (20, 60)
+    # capped at the 60 train images; 60 centred rows have rank 59, the zero-variance direction is left out
+    assert pca.n_components_ == 59 and pca.transform(X[60:]).shape == (20, 59)
     exact = PCA(n_components=6, svd_solver="full").fit(X[:60])
     np.testing.assert_allclose(pca.explained_variance_[:6], exact.explained_variance_, rtol=1e-3)
     again = encoding.fit_pca(X[:60], n_components=5, seed=0).transform(X[60:])
@@ -310,3 +311,16 @@ def test_torch_pca_matches_sklearn_and_pca_arrays_round_trip():
     fitted = encoding.fit_pca(X[:150], 8, seed=0)
     restored = encoding.pca_from_arrays(encoding.pca_arrays(fitted))
     np.testing.assert_array_equal(restored.transform(X[150:]), fitted.transform(X[150:]))
+
+
+def test_gram_pca_of_few_images_equals_sklearns_exact_pca():
+    """Few images, wide layer: the Gram-matrix PCA against scikit-learn's exact (LAPACK SVD) PCA."""
+    rng = np.random.default_rng(7)
+    X = (rng.normal(size=(40, 8)) @ rng.normal(size=(8, 300)) + 0.1 * rng.normal(size=(40, 300))).astype(np.float64)
+    ours = encoding.fit_pca(X[:30], n_components=1000)                     # capped at 30 images: the Gram path
+    reference = PCA(n_components=29, svd_solver="full").fit(X[:30])         # 30 centred rows have rank 29
+    assert ours.n_components_ == 29                                          # the zero-variance direction left out
+    np.testing.assert_allclose(ours.explained_variance_, reference.explained_variance_, rtol=1e-8)
+    # float64 throughout: agreement to ~1e-10 of the scores' scale on the well-conditioned leading components
+    scale = np.abs(reference.transform(X[30:])).max()
+    np.testing.assert_allclose(ours.transform(X[30:])[:, :8], reference.transform(X[30:])[:, :8], atol=1e-8 * scale)
