@@ -3,8 +3,7 @@
 Depends on nothing else in this repo (numpy, torch, scikit-learn only). Conventions:
 - arrays are images x voxels (rows = stimuli, columns = voxels/vertices), features images x features;
 - a per-voxel score that cannot be computed (constant column, empty set) is NaN, never a silent 0;
-- ridge: the decompositions in torch float64 (GPU when present), the voxel loop's big matmuls in float32,
-  in numpy on CPU (measured faster there than torch) and torch on GPU;
+- ridge: decompositions in torch float64 (GPU when present); the voxel loop's matmuls in float32 (numpy on CPU);
 - bad arrays raise ValueError (the scripts validate user data before it reaches this module).
 """
 from __future__ import annotations
