@@ -120,13 +120,13 @@ def fit_pca(X_train, n_components: int = 1000, seed: int = 0, device=None):
     CPU: scikit-learn's randomized PCA (a torch port measured 1.7x slower on the 2-core CPU); when the components
     are most of min(n_images, n_features), the exact PCA from the images' Gram matrix (few images, wide layers: a
     375 x 14,400 layer took 0.4 s this way, 13 s by LAPACK's SVD and 14 s randomized, on the 2-core CPU).
-    CUDA device: TorchPCA, the randomized algorithm on the GPU. n_components is capped at min(n_images,
-    n_features) (beyond that PCA is a rotation and changes no ridge prediction).
+    CUDA device: TorchPCA (randomized, on the GPU). n_components is capped at min(n_images - 1, n_features), the
+    centred train rank: a component beyond it has zero train variance yet would move val/test predictions.
     """
     X_train = X_train if _is_torch(X_train) else np.asarray(X_train)
     if X_train.ndim != 2 or X_train.shape[0] < 2:
         raise ValueError(f"PCA input of shape {tuple(X_train.shape)}: expected images x features with >= 2 images")
-    n_components = int(min(n_components, *X_train.shape))
+    n_components = int(min(n_components, X_train.shape[0] - 1, X_train.shape[1]))
     if device is not None and _device(device).type == "cuda":
         return TorchPCA(n_components, seed, device).fit(X_train)
     if n_components > 0.5 * min(X_train.shape) and X_train.shape[0] <= X_train.shape[1]:

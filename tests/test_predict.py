@@ -66,8 +66,8 @@ def test_untuned_submission_equals_an_independent_sklearn_pipeline(untuned_submi
     sets = {}
     for layer in layers:
         x, xt = raw_train[layer], raw_test[layer]
-        if x.shape[1] > 1000:  # as the pipeline: PCA(min(1000, n_train)) for layers wider than 1000
-            pca = PCA(n_components=min(1000, len(split["train"]), x.shape[1]), svd_solver="randomized",
+        if x.shape[1] > 1000:  # as the pipeline: PCA(min(1000, n_train - 1)) for layers wider than 1000
+            pca = PCA(n_components=min(1000, len(split["train"]) - 1, x.shape[1]), svd_solver="randomized",
                       random_state=0).fit(x[split["train"]])
             x, xt = pca.transform(x), pca.transform(xt)
         scale = np.sqrt(np.mean(np.var(x[split["train"]].astype(np.float64), axis=0)))

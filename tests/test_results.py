@@ -133,7 +133,10 @@ def test_single_subject_tables(pipeline):
     assert 0 <= float(rows["FFA-1"]["pct_improved_cl_vs_untuned"]) <= 100
     assert 0 < float(rows["FFA-1"]["perm_p_median_cl_vs_untuned"]) <= 1
     voxel_r = np.load(pipeline["results"] / "subj01" / "single_subj_lh_voxel_r.npz")
-    assert voxel_r["FFA-1"].shape == (3, 30) and np.isfinite(voxel_r["FFA-1"]).all()
+    sets = json.loads(outputs.sidecar_path(pipeline["results"] / "subj01" / "single_subj_lh_voxel_r.npz").read_text())["rows"]
+    assert sets == ["untuned", "reg", "cl", "pooled-reg", "pooled-cl"]
+    assert voxel_r["FFA-1"].shape == (5, 30) and np.isfinite(voxel_r["FFA-1"][:3]).all()
+    assert np.isnan(voxel_r["FFA-1"][3:]).all()  # no pooled model trained here: rows of NaN, not zeros
     # The table's numbers are the medians of the saved per-voxel r.
     for k, method in enumerate(("untuned", "reg", "cl")):
         assert float(rows["FFA-1"][f"median_r_{method}"]) == pytest.approx(np.median(voxel_r["FFA-1"][k]), abs=1e-6)
@@ -142,7 +145,7 @@ def test_single_subject_tables(pipeline):
     assert float(rows["FFA-1"]["pct_improved_cl_vs_untuned"]) == pytest.approx(expected)
     summary = read_csv(pipeline["results"] / "single_subj_summary.csv")
     assert [r["group"] for r in summary] == ["Early", "Higher", "Anatomical", "All"]
-    for name in ("single_subj_lh_bars.png", "single_subj_lh_voxel_differences.png", "single_subj_lh.md"):
+    for name in ("single_subj_lh_bars.png", "single_subj_lh_cl_vs_untuned_voxel_differences.png", "single_subj_lh.md"):
         assert (pipeline["results"] / "subj01" / name).is_file()
         assert outputs.sidecar_path(pipeline["results"] / "subj01" / name).is_file()
 
@@ -152,7 +155,7 @@ def test_untuned_score_matches_sklearn_and_scipy(pipeline):
     from scipy.stats import pearsonr
     from sklearn.linear_model import Ridge
     root, out = pipeline["root"], pipeline["out"]
-    alphas = [1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7]
+    alphas = list(encoding.ALPHAS)  # the grid generate_results.py used (its default)
     encoding_study = study.EncodingStudy(root, out, ["lh"], "none", 64, 0, 1000, 0, 64, "per-voxel", alphas,
                                          "best", "best", "cpu")
     layer = study.load_best_layers(out, 1, "lh")["FFA-1"]
