@@ -26,6 +26,7 @@ stages = ["data", "mappings", "best_layer", "cl", "reg", "results", "predict"]  
 keep_data = False                # keep each size's dataset and outputs (about 1.2 GB of PNGs at 9,841 images)
 # ---------------------------------------------------------------------
 import csv
+import json
 import os
 import shutil
 import subprocess
@@ -71,6 +72,13 @@ def mean_epoch_seconds(out: Path, method: str, subject: int, hemi: str, roi: str
         return float(np.mean([float(r["epoch_s"]) for r in csv.DictReader(f)]))
 
 
+def search_seconds(out: Path, subject: int, hemi: str, roi: str) -> dict:
+    """Seconds of each tuned backbone's 8-layer search, as the results stage recorded them."""
+    folder = out / "best_layer" / utils.subject_dir_name(subject)
+    return {m: json.loads((folder / f"{hemi}_best_layer_{m}.json").read_text())[roi]["search_seconds"]
+            for m in ("cl", "reg") if (folder / f"{hemi}_best_layer_{m}.json").is_file()}
+
+
 REAL_IMAGE_COUNTS = {1: 9841, 2: 9841, 3: 9082, 4: 8779, 5: 9841, 6: 9082, 7: 9841, 8: 8779}
 
 
@@ -91,7 +99,9 @@ def sweep_models() -> dict:
 def main():
     config = options.apply_options(globals())
     out = Path(out_dir)
-    rows = []
+    previous = out / "full_size.json"  # sizes measured by an earlier run are kept unless measured again
+    rows = [r for r in json.loads(previous.read_text())["rows"] if r["n_train_images"] not in sizes] \
+        if previous.is_file() else []
     for n_train in sizes:
         data, pipe = out / f"data_{n_train}", out / f"out_{n_train}"
         common = [f"--data_dir={data}", f"--out_dir={pipe}", f"--weights={weights}", f"--image_size={image_size}"]
@@ -122,6 +132,7 @@ def main():
                                    "--result_type=single-subj", f"--hemispheres={hemisphere}",
                                    f"--rois={chosen_roi}", "--feature_sets=untuned,reg,cl",
                                    "--comparisons=cl:untuned,cl:reg", f"--pca_components={pca_components}")
+                result["search_s_per_backbone"] = search_seconds(pipe, subject, hemisphere, chosen_roi)
             elif stage == "predict":
                 result = run_stage(logs, stage, "predict_test_images.py", *common, subj, f"--submission_dir={pipe / 'submission'}",
                                    "--tuned_sets=cl,reg", f"--pca_components={pca_components}")

@@ -8,6 +8,7 @@ layer with the best median val r kept per ROI; test scores come from a fit on tr
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -199,13 +200,15 @@ class EncodingStudy:
         d = self.subject(subject)
         idx = d.roi_voxel_indices[hemi][roi]
         self.checkpoints_used.add(str(ckpt))
+        start = time.perf_counter()  # the search's cost (forward pass, PCAs, ridges) is recorded with its result
         feats = self.features(subject, str(ckpt), self.layers)
         scores = layer_roi_scores(feats, np.asarray(d.fmri[hemi][:, idx]), d.split, {roi: np.arange(len(idx))},
                                   self.alpha_grid, self.alpha_holdout, self.seed, self.device,
                                   desc=f"{name} {utils.subject_dir_name(subject)} {hemi} {roi} layer search",
                                   statistic=self.layer_statistic)[:, 0]
         entry = {"layer": self.layers[int(np.nanargmax(scores))], "checkpoint": tag,
-                 "statistic": self.layer_statistic, "val_r": dict(zip(self.layers, scores.tolist()))}
+                 "statistic": self.layer_statistic, "val_r": dict(zip(self.layers, scores.tolist())),
+                 "search_seconds": round(time.perf_counter() - start, 2)}
         saved[roi] = entry
         outputs.save_json(path, saved, {"layers": self.layers, "pca_components": self.pca_components,
                                         "alphas": list(self.alpha_grid), "alpha_holdout": self.alpha_holdout},
