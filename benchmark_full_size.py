@@ -24,6 +24,7 @@ hemisphere = "lh"                # hemisphere of the two trained models and of t
 roi = ""                         # ROI of the trained models; "" = the largest non-empty one of the hemisphere
 stages = ["data", "mappings", "best_layer", "cl", "reg", "results", "predict"]  # which to run, in this order
 keep_data = False                # keep each size's dataset and outputs (about 1.2 GB of PNGs at 9,841 images)
+report_only = False              # only rewrite full_size.md from the rows in out_dir/full_size.json
 # ---------------------------------------------------------------------
 import csv
 import json
@@ -100,9 +101,9 @@ def main():
     config = options.apply_options(globals())
     out = Path(out_dir)
     previous = out / "full_size.json"  # sizes measured by an earlier run are kept unless measured again
-    rows = [r for r in json.loads(previous.read_text())["rows"] if r["n_train_images"] not in sizes] \
+    rows = [r for r in json.loads(previous.read_text())["rows"] if report_only or r["n_train_images"] not in sizes] \
         if previous.is_file() else []
-    for n_train in sizes:
+    for n_train in ([] if report_only else sizes):
         data, pipe = out / f"data_{n_train}", out / f"out_{n_train}"
         common = [f"--data_dir={data}", f"--out_dir={pipe}", f"--weights={weights}", f"--image_size={image_size}"]
         subj = f"--subjects={subject}"
@@ -175,6 +176,11 @@ def _report(rows) -> str:
         cells = [f"{cell[stage, n]['seconds']:,.0f} / {cell[stage, n]['peak_rss_gb']:.1f}" if (stage, n) in cell
                  else "-" for n in sizes_run]
         lines.append(f"| {stage} | " + " | ".join(cells) + " |")
+    searches = [f"{r['n_train_images']:,} images: " + ", ".join(f"{m} {t:.0f} s" for m, t in
+                                                            r["search_s_per_backbone"].items())
+                for r in sorted(rows, key=lambda r: r["n_train_images"]) if r.get("search_s_per_backbone")]
+    if searches:
+        lines += ["", "8-layer search of one tuned backbone (part of the results stage): " + "; ".join(searches) + "."]
     sweep = _sweep(rows)
     if sweep:
         lines += ["", f"Paper sweep projected on this CPU: {sweep['models']} per-subject ROI models x (CL 30 + reg 75 "
