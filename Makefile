@@ -8,7 +8,7 @@ DEMO_DATA  ?= demo_data
 DEMO_OUT   ?= demo_out
 RESULTS    ?= Results
 # The demo runs offline on CPU: random-init AlexNet, 64 px images, 2 ROIs, 3 epochs, small batches; every stage runs
-# (6.4 min on a 2-core AMD EPYC without bf16, plus about 1.3 min for the first set-up of .venv).
+# (6 min on a 2-core AMD EPYC, 6 min 14 s with float32 training as on CPUs without bf16; +70 s for the first set-up).
 DEMO_FLAGS := --data_dir=$(DEMO_DATA) --out_dir=$(DEMO_OUT) --weights=none --image_size=64
 DEMO_ROIS  ?= V1v,FFA-1
 DEMO_POOLED_ROI ?= FFA-1

@@ -40,6 +40,7 @@ import numpy as np
 import make_demo_data
 import options
 import outputs
+import training_data
 import utils
 
 REPO = Path(__file__).resolve().parent
@@ -80,21 +81,11 @@ def search_seconds(out: Path, subject: int, hemi: str, roi: str) -> dict:
             for m in ("cl", "reg") if (folder / f"{hemi}_best_layer_{m}.json").is_file()}
 
 
-REAL_IMAGE_COUNTS = {1: 9841, 2: 9841, 3: 9082, 4: 8779, 5: 9841, 6: 9082, 7: 9841, 8: 8779}
-
-
 def sweep_models() -> dict:
-    """Non-empty (subject, hemisphere, ROI) models of the 8 real subjects (bundled real masks), with image counts."""
-    masks, mappings = make_demo_data.load_mask_bundle()
-    n_models, image_sum = 0, 0
-    for s, n_images in REAL_IMAGE_COUNTS.items():
-        for hemi in utils.HEMISPHERES:
-            for family, names in mappings[s].items():
-                labels = masks[s][hemi][family]
-                n = sum(1 for label in names if label > 0 and np.any(labels == label))
-                n_models += n
-                image_sum += n * n_images
-    return {"models": n_models, "images_per_model_mean": image_sum / n_models}
+    """The paper sweep's per-subject ROI models (>= training's minimum voxels) in the 8 real subjects' masks."""
+    jobs = make_demo_data.real_sweep_jobs(training_data.MIN_ROI_VOXELS)
+    n_models = sum(n for _, n in jobs.values())
+    return {"models": n_models, "images_per_model_mean": sum(i * n for i, n in jobs.values()) / n_models}
 
 
 def main():
@@ -183,7 +174,8 @@ def _report(rows) -> str:
         lines += ["", "8-layer search of one tuned backbone (part of the results stage): " + "; ".join(searches) + "."]
     sweep = _sweep(rows)
     if sweep:
-        lines += ["", f"Paper sweep projected on this CPU: {sweep['models']} per-subject ROI models x (CL 30 + reg 75 "
+        lines += ["", f"Paper sweep projected on this CPU: {sweep['models']} per-subject ROI models (>= "
+                      f"{training_data.MIN_ROI_VOXELS} voxels) x (CL 30 + reg 75 "
                       f"epochs) at the measured {sweep['epoch_s']} s/epoch ({sweep['measured_at_images']:,} images) "
                       f"= {sweep['hours_per_model']} h per model, {sweep['cpu_days']} CPU-days."]
     return "\n".join(lines) + "\n"

@@ -118,22 +118,6 @@ def inference_rate(host_images: torch.Tensor) -> float:
     return len(rows) * steps / (time.perf_counter() - t0)
 
 
-def sweep_jobs() -> dict:
-    """Per subject: (training images, non-empty ROI models over both hemispheres), from the bundled real masks."""
-    masks, mappings = make_demo_data.load_mask_bundle()
-    n_train_images = {1: 9841, 2: 9841, 3: 9082, 4: 8779, 5: 9841, 6: 9082, 7: 9841, 8: 8779}
-    jobs = {}
-    for subject in sorted(masks):
-        count = 0
-        for hemi in utils.HEMISPHERES:
-            for family, labels in masks[subject][hemi].items():
-                for roi_id, name in mappings[subject][family].items():
-                    if roi_id and name != "Unknown" and (labels == roi_id).sum() >= training_data.MIN_ROI_VOXELS:
-                        count += 1
-        jobs[subject] = (n_train_images[subject], count)
-    return jobs
-
-
 if "training" in benchmarks:
     host_images = torch.randint(0, 256, (n_images, 3, image_size, image_size), dtype=torch.uint8)
     if cuda:
@@ -147,7 +131,7 @@ if "training" in benchmarks:
     infer = inference_rate(host_images)
     best = {m: max((r for r in rows if r["method"] == m), key=lambda r: r["train_images_per_s"]) for m in methods}
     epochs = {"cl": 30, "reg": 75}
-    jobs = sweep_jobs()
+    jobs = make_demo_data.real_sweep_jobs(training_data.MIN_ROI_VOXELS)
     total_s, projection = 0.0, []
     for m in methods:
         for subject, (n_subject, n_models) in jobs.items():

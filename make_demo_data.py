@@ -145,6 +145,21 @@ def load_mask_bundle(bundle_dir=ASSETS_DIR, subjects=None):
     return masks, mappings
 
 
+REAL_TRAIN_IMAGES = {1: 9841, 2: 9841, 3: 9082, 4: 8779, 5: 9841, 6: 9082, 7: 9841, 8: 8779}  # per NSD subject
+
+
+def real_sweep_jobs(min_voxels: int) -> dict:
+    """Per real subject: (training images, ROI models over both hemispheres with >= min_voxels), from the bundle."""
+    masks, mappings = load_mask_bundle()
+    jobs = {}
+    for subject in sorted(masks):
+        count = sum(1 for hemi in utils.HEMISPHERES for family, labels in masks[subject][hemi].items()
+                    for roi_id, name in mappings[subject][family].items()
+                    if roi_id and name != "Unknown" and np.count_nonzero(labels == roi_id) >= min_voxels)
+        jobs[subject] = (REAL_TRAIN_IMAGES[subject], count)
+    return jobs
+
+
 def _bundle_subjects(npz_path) -> set:
     with np.load(npz_path, allow_pickle=False) as npz:
         return {int(k.split("/")[0][4:]) for k in npz.files}

@@ -5,13 +5,14 @@ import numpy as np
 import pytest
 
 import benchmark_full_size as full_size
+import training_data
 import utils
 from conftest import REPO
 
 ORIGINAL_MASKS = REPO.parent / "shared" / "algonauts_roi_masks"
 
 
-def test_sweep_counts_the_non_empty_rois_of_the_original_masks():
+def test_sweep_counts_the_trainable_rois_of_the_original_masks():
     if not ORIGINAL_MASKS.is_dir():
         pytest.skip(f"{ORIGINAL_MASKS} not here (a fresh clone has no ../shared)")
     n_models = 0
@@ -21,7 +22,8 @@ def test_sweep_counts_the_non_empty_rois_of_the_original_masks():
             for family in utils.ROI_FAMILIES:
                 labels = np.load(folder / f"{hemi}.{family}_challenge_space.npy")
                 names = utils.load_roi_mapping(folder / f"mapping_{family}.npy")
-                n_models += sum(1 for k, name in names.items() if k > 0 and name != "Unknown" and np.any(labels == k))
+                n_models += sum(1 for k, name in names.items() if k > 0 and name != "Unknown"
+                                and np.count_nonzero(labels == k) >= training_data.MIN_ROI_VOXELS)
     assert full_size.sweep_models()["models"] == n_models
 
 
