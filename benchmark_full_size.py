@@ -38,13 +38,15 @@ from pathlib import Path
 import numpy as np
 
 import make_demo_data
+import models
 import options
 import outputs
+import study
 import training_data
 import utils
 
 REPO = Path(__file__).resolve().parent
-SWEEP_EPOCHS = {"cl": 30, "reg": 75}  # the paper's
+SWEEP_EPOCHS = {m: options.script_defaults(REPO / f"{m}_model_training.py")["epochs"] for m in ("cl", "reg")}
 
 
 def run_stage(log_dir: Path, name: str, script: str, *args) -> dict:
@@ -70,15 +72,15 @@ def largest_roi(data_dir, subject: int, hemi: str) -> tuple[str, int]:
 
 def mean_epoch_seconds(out: Path, method: str, subject: int, hemi: str, roi: str) -> float:
     """Mean of the training log's epoch_s (train + val + checkpoint; excludes start-up and the image cache)."""
-    with open(out / "models" / method / utils.subject_dir_name(subject) / hemi / roi / "log.csv", newline="") as f:
+    log = models.checkpoint_path(out, method, subject, hemi, roi).parent / "log.csv"
+    with open(log, newline="") as f:
         return float(np.mean([float(r["epoch_s"]) for r in csv.DictReader(f)]))
 
 
 def search_seconds(out: Path, subject: int, hemi: str, roi: str) -> dict:
     """Seconds of each tuned backbone's 8-layer search, as the results stage recorded them."""
-    folder = out / "best_layer" / utils.subject_dir_name(subject)
-    return {m: json.loads((folder / f"{hemi}_best_layer_{m}.json").read_text())[roi]["search_seconds"]
-            for m in ("cl", "reg") if (folder / f"{hemi}_best_layer_{m}.json").is_file()}
+    paths = {m: study.best_layer_path(out, subject, hemi, m) for m in ("cl", "reg")}
+    return {m: json.loads(path.read_text())[roi]["search_seconds"] for m, path in paths.items() if path.is_file()}
 
 
 def sweep_models() -> dict:
@@ -106,9 +108,11 @@ def main():
                                    f"--n_train_images={n_train}", f"--n_test_images={n_test_images}",
                                    f"--image_px={image_px}", "--imagefolder_per_class=0", "--overwrite=true")
             elif stage == "mappings":
-                result = run_stage(logs, stage, "generate_voxel_roi_mappings.py", f"--data_dir={data}", f"--out_dir={pipe}", subj)
+                result = run_stage(logs, stage, "generate_voxel_roi_mappings.py", f"--data_dir={data}",
+                                   f"--out_dir={pipe}", subj)
             elif stage == "best_layer":
-                result = run_stage(logs, stage, "get_best_alex_layer.py", *common, subj, f"--pca_components={pca_components}")
+                result = run_stage(logs, stage, "get_best_alex_layer.py", *common, subj,
+                                   f"--pca_components={pca_components}")
             elif stage in ("cl", "reg"):
                 if not chosen_roi:
                     chosen_roi, n_vox = largest_roi(data, subject, hemisphere)
@@ -120,14 +124,16 @@ def main():
                 result["roi"] = chosen_roi
             elif stage == "results":
                 chosen_roi = chosen_roi or largest_roi(data, subject, hemisphere)[0]
-                result = run_stage(logs, stage, "generate_results.py", *common, subj, f"--results_dir={pipe / 'Results'}",
-                                   "--result_type=single-subj", f"--hemispheres={hemisphere}",
-                                   f"--rois={chosen_roi}", "--feature_sets=untuned,reg,cl",
+                result = run_stage(logs, stage, "generate_results.py", *common, subj,
+                                   f"--results_dir={pipe / 'Results'}", "--result_type=single-subj",
+                                   f"--hemispheres={hemisphere}", f"--rois={chosen_roi}",
+                                   "--feature_sets=untuned,reg,cl",
                                    "--comparisons=cl:untuned,cl:reg", f"--pca_components={pca_components}")
                 result["search_s_per_backbone"] = search_seconds(pipe, subject, hemisphere, chosen_roi)
             elif stage == "predict":
-                result = run_stage(logs, stage, "predict_test_images.py", *common, subj, f"--submission_dir={pipe / 'submission'}",
-                                   "--tuned_sets=cl,reg", f"--pca_components={pca_components}")
+                result = run_stage(logs, stage, "predict_test_images.py", *common, subj,
+                                   f"--submission_dir={pipe / 'submission'}", "--tuned_sets=cl,reg",
+                                   f"--pca_components={pca_components}")
             else:
                 raise utils.OptionsError(f"--stages: unknown stage {stage!r}; expected among {stages}")
             row = {"n_train_images": n_train, "stage": stage, **result}
@@ -144,7 +150,7 @@ def main():
 
 
 def _sweep(rows) -> dict:
-    """The paper's per-subject sweep (CL 30 + reg 75 epochs per non-empty ROI model) on this CPU, from the
+    """The paper's per-subject sweep (the scripts' default epochs per trainable ROI model) on this CPU, from the
     largest measured size's epoch times scaled linearly with each subject's image count."""
     largest = max(r["n_train_images"] for r in rows)
     epoch = {r["stage"]: r["epoch_s"] for r in rows if r["n_train_images"] == largest and "epoch_s" in r}
@@ -175,7 +181,7 @@ def _report(rows) -> str:
     sweep = _sweep(rows)
     if sweep:
         lines += ["", f"Paper sweep projected on this CPU: {sweep['models']} per-subject ROI models (>= "
-                      f"{training_data.MIN_ROI_VOXELS} voxels) x (CL 30 + reg 75 "
+                      f"{training_data.MIN_ROI_VOXELS} voxels) x (CL {SWEEP_EPOCHS['cl']} + reg {SWEEP_EPOCHS['reg']} "
                       f"epochs) at the measured {sweep['epoch_s']} s/epoch ({sweep['measured_at_images']:,} images) "
                       f"= {sweep['hours_per_model']} h per model, {sweep['cpu_days']} CPU-days."]
     return "\n".join(lines) + "\n"

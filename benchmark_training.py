@@ -130,7 +130,8 @@ if "training" in benchmarks:
                 torch.cuda.empty_cache()  # the last variant's model and resident cache are gone
     infer = inference_rate(host_images)
     best = {m: max((r for r in rows if r["method"] == m), key=lambda r: r["train_images_per_s"]) for m in methods}
-    epochs = {"cl": 30, "reg": 75}
+    epochs = {m: options.script_defaults(Path(__file__).resolve().parent / f"{m}_model_training.py")["epochs"]
+              for m in ("cl", "reg")}  # the paper's, from the training scripts' OPTIONS
     jobs = make_demo_data.real_sweep_jobs(training_data.MIN_ROI_VOXELS)
     total_s, projection = 0.0, []
     for m in methods:

@@ -133,7 +133,8 @@ def test_single_subject_tables(pipeline):
     assert 0 <= float(rows["FFA-1"]["pct_improved_cl_vs_untuned"]) <= 100
     assert 0 < float(rows["FFA-1"]["perm_p_median_cl_vs_untuned"]) <= 1
     voxel_r = np.load(pipeline["results"] / "subj01" / "single_subj_lh_voxel_r.npz")
-    sets = json.loads(outputs.sidecar_path(pipeline["results"] / "subj01" / "single_subj_lh_voxel_r.npz").read_text())["rows"]
+    sidecar = outputs.sidecar_path(pipeline["results"] / "subj01" / "single_subj_lh_voxel_r.npz")
+    sets = json.loads(sidecar.read_text())["rows"]
     assert sets == ["untuned", "reg", "cl", "pooled-reg", "pooled-cl"]
     assert voxel_r["FFA-1"].shape == (5, 30) and np.isfinite(voxel_r["FFA-1"][:3]).all()
     assert np.isnan(voxel_r["FFA-1"][3:]).all()  # no pooled model trained here: rows of NaN, not zeros
