@@ -44,7 +44,6 @@ import encoding
 import make_demo_data
 import options
 import outputs
-import utils
 
 KNOWN = ("ridge", "gcv", "himalaya", "ridgecv", "pearson", "memory", "training", "loader", "gpu")
 
@@ -145,9 +144,9 @@ if child:
     sys.exit(0)
 unknown = set(benchmarks) - set(KNOWN)
 if unknown:
-    raise utils.OptionsError(f"--benchmarks: unknown {sorted(unknown)}; choose from {', '.join(KNOWN)}")
+    raise options.OptionsError(f"--benchmarks: unknown {sorted(unknown)}; choose from {', '.join(KNOWN)}")
 if himalaya_backend not in ("numpy", "torch"):
-    raise utils.OptionsError(f"--himalaya_backend={himalaya_backend}: expected numpy or torch")
+    raise options.OptionsError(f"--himalaya_backend={himalaya_backend}: expected numpy or torch")
 
 
 # ---- training, loader, gpu: timed by benchmark_training.py in its own process ----

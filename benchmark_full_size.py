@@ -135,7 +135,7 @@ def main():
                                    f"--submission_dir={pipe / 'submission'}", "--tuned_sets=cl,reg",
                                    f"--pca_components={pca_components}")
             else:
-                raise utils.OptionsError(f"--stages: unknown stage {stage!r}; expected among {stages}")
+                raise options.OptionsError(f"--stages: unknown stage {stage!r}; expected among {stages}")
             row = {"n_train_images": n_train, "stage": stage, **result}
             print(f"  {row}", flush=True)
             rows.append(row)
@@ -190,5 +190,5 @@ def _report(rows) -> str:
 if __name__ == "__main__":
     try:
         main()
-    except (utils.DataError, RuntimeError) as err:
+    except (options.DataError, RuntimeError) as err:
         sys.exit(f"benchmark_full_size.py: {err}")

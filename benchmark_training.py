@@ -37,23 +37,22 @@ import numpy as np
 import torch
 
 import encoding
-import features
 import make_demo_data
 import models
 import options
 import outputs
+import runtime
 import training_data
-import utils
 
 config = options.apply_options(globals())
-dev = options.resolve_device(device)
+dev = runtime.resolve_device(device)
 unknown = set(benchmarks) - {"training", "ridge", "loader"} or {v for v in variants if v.split("-")[0] not in
                                                                ("fp32", "bf16")}
 if unknown:
-    raise utils.OptionsError(f"unknown benchmarks or variants {sorted(unknown)}")
+    raise options.OptionsError(f"unknown benchmarks or variants {sorted(unknown)}")
 cuda = dev.type == "cuda"
 machine = torch.cuda.get_device_name(dev) if cuda else f"CPU ({torch.get_num_threads()} threads, native bf16: " \
-                                                       f"{features.cpu_has_native_bf16()})"
+                                                       f"{runtime.cpu_has_native_bf16()})"
 print(f"device: {machine}")
 report = {"options": config, "device": machine}
 text = f"# Training benchmark on {machine}\n\n"
@@ -84,8 +83,8 @@ def training_rate(method: str, variant: str, host_images: torch.Tensor) -> float
         if resident:
             batch = images[torch.as_tensor(rows, device=dev)]
         else:  # gathered from host memory (as from the memmapped cache), pinned for the copy
-            batch = features.read_rows(images.numpy(), rows, pin=cuda)
-        x = features.prepare_images(batch, dev, channels_last)
+            batch = runtime.read_rows(images.numpy(), rows, pin=cuda)
+        x = runtime.prepare_images(batch, dev, channels_last)
         with autocast:
             loss, _ = models.batch_loss(method, step_model, x, fmri[torch.as_tensor(rows, device=dev)],
                                         temperature=0.3)
@@ -108,12 +107,12 @@ def inference_rate(host_images: torch.Tensor) -> float:
     torch.manual_seed(seed)
     backbone = models.build_alexnet("none").to(dev).eval().to(memory_format=torch.channels_last)
     rows = np.arange(min(batch_size, len(host_images)))
-    with torch.inference_mode(), features.autocast_context(dev, amp=True, cpu_bf16=True):
+    with torch.inference_mode(), runtime.autocast_context(dev, amp=True, cpu_bf16=True):
         for k in range(warmup + steps):
             if k == warmup:
                 sync()
                 t0 = time.perf_counter()
-            backbone(features.prepare_images(host_images[rows], dev, channels_last=True))
+            backbone(runtime.prepare_images(host_images[rows], dev, channels_last=True))
     sync()
     return len(rows) * steps / (time.perf_counter() - t0)
 
@@ -175,7 +174,7 @@ if "loader" in benchmarks:
         loader.batch_sampler.set_epoch(epoch)
         t0 = time.perf_counter()
         for batch in (training_data.read_batches(loader) if read_ahead else loader):
-            features.prepare_images(batch["images"], dev, channels_last=True)
+            runtime.prepare_images(batch["images"], dev, channels_last=True)
         sync()
         return time.perf_counter() - t0
 

@@ -1,10 +1,7 @@
-"""Backbones to features: image preparation, batched extraction of AlexNet layers, the on-disk feature cache."""
+"""Backbones to features: batched extraction of a backbone's layers and the on-disk feature cache."""
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -14,100 +11,11 @@ from torch import nn
 
 import encoding
 import models
+import options
 import outputs
+import runtime
 import utils
 from models import ALEXNET_LAYERS
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-_NORM_CACHE: dict = {}  # device -> (scale, shift) of the ImageNet normalisation
-
-
-def prepare_images(batch_uint8, device, channels_last: bool = False, flip=None) -> torch.Tensor:
-    """uint8 N x 3 x S x S (numpy or tensor) -> ImageNet-normalised float32 on device (converted there).
-
-    flip: optional bool per image (tensor or array) for horizontal flips, applied on the device.
-    """
-    device = torch.device(device)
-    x = torch.as_tensor(batch_uint8)
-    x = x.to(device, non_blocking=True)
-    key = str(device)
-    if key not in _NORM_CACHE:  # (x / 255 - mean) / std = x * scale - shift
-        mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
-        _NORM_CACHE[key] = (1.0 / (255.0 * std), mean / std)
-    scale, shift = _NORM_CACHE[key]
-    if channels_last:  # reorder the 1-byte pixels; the float ops below keep the memory format
-        x = x.contiguous(memory_format=torch.channels_last)
-    x = x * scale  # uint8 * float32 -> float32 in one pass
-    x.sub_(shift)
-    if flip is not None:
-        flip = torch.as_tensor(flip, dtype=torch.bool).to(device, non_blocking=True)
-        x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-    return x
-
-
-def prefetched(fetch, items):
-    """Yield (fetch(item), seconds the caller waited), fetching the next item in a background thread."""
-    items = list(items)
-    if not items:
-        return
-    with ThreadPoolExecutor(1) as pool:
-        future = pool.submit(fetch, items[0])
-        for k in range(len(items)):
-            t0 = time.perf_counter()
-            result = future.result()
-            waited = time.perf_counter() - t0
-            if k + 1 < len(items):
-                future = pool.submit(fetch, items[k + 1])
-            yield result, waited
-
-
-def read_rows(images: np.ndarray, rows: np.ndarray, pin: bool = False) -> torch.Tensor:
-    """images[rows] (sorted rows read from the uint8 memmap) as a CPU uint8 tensor, pinned for CUDA copies.
-
-    Inside a DataLoader worker it is written straight into shared memory (handed over without another copy).
-    """
-    rows = np.asarray(rows, dtype=np.int64)
-    if rows.size and (rows.min() < 0 or rows.max() >= len(images)):
-        raise IndexError(f"image rows {rows.min()}..{rows.max()} out of range for {len(images)} images")
-    shape = (len(rows),) + tuple(images.shape[1:])
-    if torch.utils.data.get_worker_info() is not None:
-        storage = torch.UntypedStorage._new_shared(int(np.prod(shape)))  # as default_collate does in workers
-        buf = torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
-    elif pin:
-        buf = torch.empty(shape, dtype=torch.uint8, pin_memory=True)
-    else:
-        return torch.from_numpy(np.ascontiguousarray(images[rows]))
-    np.take(images, rows, axis=0, out=buf.numpy())
-    return buf
-
-
-_CPU_BF16: list = []
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU has bfloat16 instructions (avx512_bf16 or amx_bf16); emulated bf16 is slower than float32."""
-    if not _CPU_BF16:
-        try:
-            flags = set(Path("/proc/cpuinfo").read_text().split())
-        except OSError:
-            flags = set()
-        _CPU_BF16.append(bool(flags & {"avx512_bf16", "amx_bf16"}))
-    return _CPU_BF16[0]
-
-
-def autocast_context(device, amp: bool = True, cpu_bf16: bool = True):
-    """bfloat16 autocast on CUDA when amp, on CPU when cpu_bf16 and the CPU has bf16 instructions; else a no-op."""
-    device = torch.device(device)
-    if device.type == "cuda" and amp and torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    if device.type == "cpu" and cpu_bf16 and cpu_has_native_bf16():
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
 
 def feature_dims(backbone: nn.Module, layers=ALEXNET_LAYERS, image_size: int = 224) -> dict[str, int]:
     """Flattened feature size of each layer for image_size inputs (to preallocate feature arrays)."""
@@ -142,13 +50,13 @@ def extract_features(backbone: nn.Module, images_uint8: np.ndarray, indices=None
     def fetch(positions):
         rows = indices[positions]
         order = np.argsort(rows, kind="stable")  # sorted reads from the memmap, rows put back in place
-        return positions[order], read_rows(images_uint8, rows[order], pin)
+        return positions[order], runtime.read_rows(images_uint8, rows[order], pin)
 
     bar = tqdm(total=len(indices), desc=desc or "extracting features", unit="img", leave=False,
                disable=len(indices) == 0)
-    with torch.inference_mode(), autocast_context(device, amp, cpu_bf16=amp):
-        for (positions, batch), _ in prefetched(fetch, chunks):
-            feats = extractor(prepare_images(batch, device, channels_last))
+    with torch.inference_mode(), runtime.autocast_context(device, amp, cpu_bf16=amp):
+        for (positions, batch), _ in runtime.prefetched(fetch, chunks):
+            feats = extractor(runtime.prepare_images(batch, device, channels_last))
             for layer in layers:
                 values = feats[layer].flatten(1).float().cpu().numpy()
                 if out is None:
@@ -184,7 +92,7 @@ def backbone_spec_tag(spec: str) -> str:
         return f"untuned-{name}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
     path = Path(spec)
     if not path.is_file():
-        raise utils.DataError(f"{path}: model checkpoint not found")
+        raise options.DataError(f"{path}: model checkpoint not found")
     st = path.stat()
     key = f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
     parts = path.parent.parts[-4:]  # method / subjXX / hemi / roi

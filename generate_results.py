@@ -66,20 +66,21 @@ import plots
 import probes
 import results_utils
 import study as encoding_study
+import runtime
 import utils
 
 config = options.apply_options(globals())
 result_types = ["single-subj", "cross-subj", "classification-task"] if result_type == "all" else [result_type]
 if not set(result_types) <= {"single-subj", "cross-subj", "classification-task"}:
-    raise utils.OptionsError(f"--result_type={result_type}: expected single-subj, cross-subj, classification-task "
+    raise options.OptionsError(f"--result_type={result_type}: expected single-subj, cross-subj, classification-task "
                              "or all")
 unknown_sets = set(feature_sets) - set(encoding_study.FEATURE_SETS)
 if unknown_sets or "untuned" not in feature_sets:
-    raise utils.OptionsError(f"--feature_sets={feature_sets}: expected 'untuned' and sets among "
+    raise options.OptionsError(f"--feature_sets={feature_sets}: expected 'untuned' and sets among "
                              + ", ".join(encoding_study.FEATURE_SETS))
 pairs = results_utils.parse_comparisons(comparisons, feature_sets)
 subject_list = utils.resolve_subjects(data_dir, subjects)
-torch_device = options.resolve_device(device)
+torch_device = runtime.resolve_device(device)
 study = encoding_study.EncodingStudy(data_dir, out_dir, hemispheres, weights, image_size, split_seed, pca_components,
                                      seed, batch_size, alpha_mode, alphas or encoding.ALPHAS, tuned_layer,
                                      checkpoint, torch_device, layers or models.ALEXNET_LAYERS, alpha_holdout,

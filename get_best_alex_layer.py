@@ -34,12 +34,13 @@ import models
 import options
 import outputs
 import plots
+import runtime
 import study
 import utils
 
 config = options.apply_options(globals())
 layers = list(layers or models.ALEXNET_LAYERS)
-torch_device = options.resolve_device(device)
+torch_device = runtime.resolve_device(device)
 subject_list = utils.resolve_subjects(data_dir, subjects)
 # validate every subject before writing anything
 subject_data = {s: utils.load_subject(data_dir, s, hemispheres=hemispheres) for s in subject_list}

@@ -64,7 +64,7 @@ def read_mask_folder(source, subjects=None):
     """
     source = Path(source)
     if not source.is_dir():
-        raise utils.DataError(f"{source}: mask folder not found; expected subj01.. folders of "
+        raise options.DataError(f"{source}: mask folder not found; expected subj01.. folders of "
                               "{lh,rh}.<family>_challenge_space.npy and mapping_<family>.npy files")
     if subjects is None:
         subjects = sorted(int(p.name[4:]) for p in source.iterdir() if p.name[:4] == "subj" and p.name[4:].isdigit())
@@ -79,17 +79,17 @@ def read_mask_folder(source, subjects=None):
             for family in utils.ROI_FAMILIES:
                 path = roi_dir / f"{hemi}.{family}_challenge_space.npy"
                 if not path.is_file():
-                    raise utils.DataError(f"{path}: ROI mask file not found")
+                    raise options.DataError(f"{path}: ROI mask file not found")
                 labels = np.load(path, allow_pickle=False)
                 if labels.ndim != 1 or not np.array_equal(labels, np.rint(labels)):
-                    raise utils.DataError(f"{path}: expected a 1-D array of integer ROI labels")
+                    raise options.DataError(f"{path}: expected a 1-D array of integer ROI labels")
                 masks[subject][hemi][family] = labels.astype(np.int64)
             lengths = {len(v) for v in masks[subject][hemi].values()}
             if len(lengths) != 1:
-                raise utils.DataError(f"{roi_dir}: {hemi} masks of different lengths {sorted(lengths)}; expected one "
+                raise options.DataError(f"{roi_dir}: {hemi} masks of different lengths {sorted(lengths)}; expected one "
                                       "vertex count per hemisphere")
     if not masks:
-        raise utils.DataError(f"{source}: no subjXX mask folders found")
+        raise options.DataError(f"{source}: no subjXX mask folders found")
     return masks, mappings
 
 
@@ -101,7 +101,7 @@ def save_mask_bundle(masks, mappings, bundle_dir=ASSETS_DIR, config=None) -> tup
         for hemi, by_family in by_hemi.items():
             for family, labels in by_family.items():
                 if labels.min(initial=0) < -128 or labels.max(initial=0) > 127:
-                    raise utils.DataError(f"subject {subject} {hemi}.{family}: labels outside int8 range")
+                    raise options.DataError(f"subject {subject} {hemi}.{family}: labels outside int8 range")
                 arrays[f"{utils.subject_dir_name(subject)}/{hemi}.{family}"] = labels.astype(np.int8)
     as_json = {s: {fam: {str(k): v for k, v in m.items()} for fam, m in by_fam.items()}
                for s, by_fam in mappings.items()}
@@ -120,7 +120,7 @@ def load_mask_bundle(bundle_dir=ASSETS_DIR, subjects=None):
     npz_path, json_path = bundle_dir / "roi_masks.npz", bundle_dir / "roi_mappings.json"
     for path in (npz_path, json_path):
         if not path.is_file():
-            raise utils.DataError(f"{path}: bundled ROI masks not found; rebuild with --rebuild_mask_bundle=true "
+            raise options.DataError(f"{path}: bundled ROI masks not found; rebuild with --rebuild_mask_bundle=true "
                                   "--mask_source=<folder of real masks>, or pass --mask_source")
     table = json.loads(json_path.read_text())
     masks: dict = {}
@@ -134,7 +134,7 @@ def load_mask_bundle(bundle_dir=ASSETS_DIR, subjects=None):
             masks.setdefault(subject, {}).setdefault(hemi, {})[family] = npz[key].astype(np.int64)
     missing = sorted(set(subjects or ()) - set(masks))
     if missing:
-        raise utils.DataError(f"{npz_path}: no masks of subject(s) {missing}; bundled: "
+        raise options.DataError(f"{npz_path}: no masks of subject(s) {missing}; bundled: "
                               + ", ".join(str(s) for s in sorted(_bundle_subjects(npz_path))))
     mappings = {}
     for subject in masks:
@@ -755,7 +755,7 @@ def allocate_nsd_ids(subjects, n_train: int, n_test: int, shared_fraction: float
     n_shared = int(round(shared_fraction * n_train)) if len(subjects) > 1 else 0
     need = n_shared + len(subjects) * (n_train - n_shared + n_test)
     if need > _NSD_IDS - 1:
-        raise utils.DataError(f"{need} distinct images asked for; NSD has {_NSD_IDS - 1} ids to give "
+        raise options.DataError(f"{need} distinct images asked for; NSD has {_NSD_IDS - 1} ids to give "
                               "(lower n_train_images, n_test_images or the number of subjects)")
     pool = np.random.default_rng([seed, 0]).choice(np.arange(1, _NSD_IDS), need, replace=False)
     shared, rest = pool[:n_shared], pool[n_shared:]
@@ -770,16 +770,16 @@ def allocate_nsd_ids(subjects, n_train: int, n_test: int, shared_fraction: float
 def _check_options(opts: dict) -> None:
     for name in ("n_train_images", "imagefolder_per_class"):
         if opts[name] < (1 if name == "n_train_images" else 0):
-            raise utils.DataError(f"--{name}={opts[name]}: expected a positive number")
+            raise options.DataError(f"--{name}={opts[name]}: expected a positive number")
     if opts["n_test_images"] < 0:
-        raise utils.DataError(f"--n_test_images={opts['n_test_images']}: expected 0 or more")
+        raise options.DataError(f"--n_test_images={opts['n_test_images']}: expected 0 or more")
     for name in ("image_px", "imagefolder_px"):
         if opts[name] < 32:
-            raise utils.DataError(f"--{name}={opts[name]}: expected at least 32 pixels")
+            raise options.DataError(f"--{name}={opts[name]}: expected at least 32 pixels")
     if not 0 <= opts["shared_fraction"] <= 1 or opts["noise_level"] < 0:
-        raise utils.DataError("--shared_fraction must be in 0..1 and --noise_level >= 0")
+        raise options.DataError("--shared_fraction must be in 0..1 and --noise_level >= 0")
     if not opts["subjects"] or len(set(opts["subjects"])) != len(opts["subjects"]):
-        raise utils.DataError(f"--subjects={opts['subjects']}: expected distinct subject numbers (1-8)")
+        raise options.DataError(f"--subjects={opts['subjects']}: expected distinct subject numbers (1-8)")
 
 
 def generate_dataset(out: Path, opts: dict, masks: dict, mappings: dict) -> dict:
@@ -879,7 +879,7 @@ def build(opts: dict) -> tuple[Path, dict | None]:
     if (out / ".complete").is_file() and not opts["overwrite"]:
         return out, None
     if out.exists() and not opts["overwrite"]:
-        raise utils.DataError(f"{out}: exists but is not a complete demo dataset (no .complete marker); pass "
+        raise options.DataError(f"{out}: exists but is not a complete demo dataset (no .complete marker); pass "
                               "--overwrite=true to replace it or choose another --out_dir")
     _check_options(opts)
     subjects = [int(s) for s in opts["subjects"]]
@@ -910,7 +910,7 @@ if __name__ == "__main__":
     started = time.time()
     if rebuild_mask_bundle:
         if not mask_source:
-            raise utils.DataError("--rebuild_mask_bundle=true needs --mask_source=<folder of subjXX mask folders>")
+            raise options.DataError("--rebuild_mask_bundle=true needs --mask_source=<folder of subjXX mask folders>")
         real_masks, real_mappings = read_mask_folder(mask_source)
         npz_file, json_file = save_mask_bundle(real_masks, real_mappings, ASSETS_DIR, config)
         print(f"wrote {npz_file} ({npz_file.stat().st_size / 1024:.0f} KB) and {json_file} for subjects "

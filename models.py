@@ -10,6 +10,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+import options
 import outputs
 import utils
 
@@ -44,14 +45,14 @@ def build_alexnet(weights: str = "IMAGENET1K_V1") -> nn.Module:
         try:
             return torchvision.models.alexnet(weights="IMAGENET1K_V1")
         except (URLError, OSError, RuntimeError, EOFError) as err:
-            raise utils.DataError(
+            raise options.DataError(
                 f"AlexNet IMAGENET1K_V1 weights could not be fetched ({type(err).__name__}: {err}); "
                 f"torchvision caches them under {Path(torch.hub.get_dir()) / 'checkpoints'}: copy "
                 "alexnet-owt-7be5be79.pth there, or pass --weights=/path/to/alexnet.pth (a local state dict), "
                 "or --weights=none for a random init") from None
     path = Path(weights)
     if not path.is_file():
-        raise utils.DataError(f"{path}: weights file not found; expected 'IMAGENET1K_V1', 'none' or a .pth "
+        raise options.DataError(f"{path}: weights file not found; expected 'IMAGENET1K_V1', 'none' or a .pth "
                               "AlexNet state dict")
     model = torchvision.models.alexnet(weights=None)
     try:
@@ -60,7 +61,7 @@ def build_alexnet(weights: str = "IMAGENET1K_V1") -> nn.Module:
             state = state["state_dict"]
         model.load_state_dict(state)
     except (RuntimeError, KeyError, TypeError, ValueError, EOFError, OSError) as err:
-        raise utils.DataError(f"{path}: not an AlexNet state dict ({type(err).__name__}: "
+        raise options.DataError(f"{path}: not an AlexNet state dict ({type(err).__name__}: "
                               f"{str(err).splitlines()[0]})") from None
     return model
 
@@ -77,11 +78,11 @@ def build_backbone(backbone: str = "alexnet", weights: str = "IMAGENET1K_V1", dr
         net = build_alexnet(weights)
     elif backbone == "tiny":
         if weights is not None and str(weights).lower() not in ("none", ""):
-            raise utils.DataError(f"backbone 'tiny' has no pretrained weights (got weights={weights!r}); "
+            raise options.DataError(f"backbone 'tiny' has no pretrained weights (got weights={weights!r}); "
                                   "use --weights=none")
         net = build_tiny_backbone()
     else:
-        raise utils.DataError(f"unknown backbone {backbone!r}; expected one of {', '.join(BACKBONES)}")
+        raise options.DataError(f"unknown backbone {backbone!r}; expected one of {', '.join(BACKBONES)}")
     return set_dropout(net, dropout)
 
 
@@ -152,7 +153,7 @@ def cl_dims(voxel_counts, h_method: str = "subject") -> tuple[int, int]:
     counts = [int(v) for v in voxel_counts]
     if h_method == "subject":
         if len(counts) != 1:
-            raise utils.DataError(f"h_method='subject' is for one subject, got {len(counts)}; use 'constant' or "
+            raise options.DataError(f"h_method='subject' is for one subject, got {len(counts)}; use 'constant' or "
                                   "'average' for pooled models")
         hidden = int(counts[0] * 0.8)
     elif h_method == "constant":
@@ -160,7 +161,7 @@ def cl_dims(voxel_counts, h_method: str = "subject") -> tuple[int, int]:
     elif h_method == "average":
         hidden = int(np.mean(counts))
     else:
-        raise utils.DataError(f"unknown h_method {h_method!r}; expected one of {', '.join(H_METHODS)}")
+        raise options.DataError(f"unknown h_method {h_method!r}; expected one of {', '.join(H_METHODS)}")
     return hidden, int(hidden * 0.25)
 
 
@@ -169,7 +170,7 @@ def model_spec(method: str, voxel_counts, backbone: str = "alexnet", h_method: s
     check_method(method)
     counts = [int(v) for v in np.atleast_1d(voxel_counts)]
     if not counts or min(counts) < 1:
-        raise utils.DataError(f"voxel counts {counts}: expected one positive count per subject")
+        raise options.DataError(f"voxel counts {counts}: expected one positive count per subject")
     spec = {"method": method, "n_voxels": counts, "backbone": backbone}
     if method == "cl":
         spec["hidden"], spec["embed_dim"] = cl_dims(counts, h_method)
@@ -262,7 +263,7 @@ def batch_statistics(model: nn.Module):
 
 def check_method(method: str) -> str:
     if method not in METHODS:
-        raise utils.DataError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+        raise options.DataError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
     return method
 
 
@@ -341,7 +342,7 @@ def pooled_method_name(method: str, h_method: str | None = None) -> str:
     for name, (m, h) in POOLED_METHODS.items():
         if m == check_method(method) and (method == "reg" or h == h_method):
             return name
-    raise utils.DataError(f"pooled CL models need h_method 'constant' or 'average', got {h_method!r}")
+    raise options.DataError(f"pooled CL models need h_method 'constant' or 'average', got {h_method!r}")
 
 
 def pooled_checkpoint_path(out_dir, method: str, hemi: str, roi: str, exclude_subject: int | None = None,
@@ -412,15 +413,15 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     """torch.load(weights_only=True) of a checkpoint written by save_checkpoint, or a DataError naming the file."""
     path = Path(path)
     if not path.is_file():
-        raise utils.DataError(f"{path}: checkpoint not found")
+        raise options.DataError(f"{path}: checkpoint not found")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # truncated file, foreign pickle, ...
-        raise utils.DataError(f"{path}: unreadable checkpoint ({type(err).__name__}: "
+        raise options.DataError(f"{path}: unreadable checkpoint ({type(err).__name__}: "
                               f"{str(err).splitlines()[0] if str(err) else ''})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         found = ckpt.get("format") if isinstance(ckpt, dict) else None
-        raise utils.DataError(f"{path}: not a {CHECKPOINT_FORMAT} checkpoint (written by models.save_checkpoint"
+        raise options.DataError(f"{path}: not a {CHECKPOINT_FORMAT} checkpoint (written by models.save_checkpoint"
                               + (f"; this one is {found}: retrain it)" if found else ")"))
     return ckpt
 
@@ -432,7 +433,7 @@ def checkpoint_source_index(ckpt: dict, subject: int) -> int:
         return subjects.index(subject)
     if len(subjects) <= 1:
         return 0
-    raise utils.DataError(f"subject {subject} is not one of this pooled model's subjects {subjects}")
+    raise options.DataError(f"subject {subject} is not one of this pooled model's subjects {subjects}")
 
 
 def load_roi_model(path, device="cpu") -> nn.Module:
@@ -448,7 +449,7 @@ def load_tuned_backbone(path, device="cpu") -> nn.Module:
     ckpt = load_checkpoint(path)
     state = {k[len("backbone."):]: v for k, v in ckpt["model"].items() if k.startswith("backbone.")}
     if not state:
-        raise utils.DataError(f"{path}: checkpoint holds no backbone weights")
+        raise options.DataError(f"{path}: checkpoint holds no backbone weights")
     backbone = build_backbone(ckpt["model_spec"].get("backbone", "alexnet"), "none")
     backbone.load_state_dict(state)
     return backbone.to(device).eval()

@@ -10,7 +10,15 @@ import re
 import sys
 from pathlib import Path
 
-from utils import DataError, OptionsError
+
+
+class DataError(Exception):
+    """Bad or missing input data or options; scripts print the message as one line and exit 1."""
+
+
+class OptionsError(DataError):
+    """Unknown or unparsable command-line option."""
+
 
 def _one_line_excepthook(exc_type, exc, tb):
     if issubclass(exc_type, DataError):
@@ -176,18 +184,3 @@ def script_defaults(script) -> dict:
         if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
             defaults[node.targets[0].id] = ast.literal_eval(node.value)
     return defaults
-
-
-def resolve_device(device="auto"):
-    """'auto' (or None) -> cuda when present, else cpu; a CUDA device where none exists is a one-line error."""
-    import torch
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as err:
-        raise OptionsError(f"--device={device}: {err}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise OptionsError(f"--device={device}: CUDA is not available here (torch.cuda.is_available() is "
-                           "False); use --device=cpu or auto")
-    return dev

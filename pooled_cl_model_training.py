@@ -51,11 +51,12 @@ import outputs
 import training
 import training_data
 import utils
+from runtime import setup_runtime
 
 config = options.apply_options(globals())
 
 # runtime: the device, and torch.distributed when launched by torchrun
-runtime = training.setup_runtime(device, num_threads)
+runtime = setup_runtime(device, num_threads)
 settings = training.TrainSettings.from_options(config)
 
 # data: each pooled subject's split, memory-mapped image cache and ROI fMRI; the excluded subject is never read
@@ -65,7 +66,7 @@ subjects_data = [utils.load_subject(data_dir, s, out_dir, image_size, split_seed
                                     build_first=runtime.main_first) for s in candidates]
 sources, too_small = training_data.pooled_sources(subjects_data, hemisphere, roi)
 if not sources:
-    raise utils.DataError(f"{hemisphere} {roi}: no subject among {candidates} has at least "
+    raise options.DataError(f"{hemisphere} {roi}: no subject among {candidates} has at least "
                           f"{training_data.MIN_ROI_VOXELS} voxels ({too_small})")
 run_dir = models.pooled_checkpoint_path(out_dir, "cl", hemisphere, roi, exclude_subject or None,
                                         h_method=h_method).parent

@@ -46,11 +46,12 @@ import outputs
 import training
 import training_data
 import utils
+from runtime import setup_runtime
 
 config = options.apply_options(globals())
 
 # runtime: the device, and torch.distributed when launched by torchrun
-runtime = training.setup_runtime(device, num_threads)
+runtime = setup_runtime(device, num_threads)
 settings = training.TrainSettings.from_options(config)
 shard_index = training.parse_shard(shard)
 jobs = training.sweep_jobs(hemispheres, rois, shard_index)

@@ -50,17 +50,18 @@ import options
 import outputs
 import plots
 import study as encoding_study
+import runtime
 import utils
 
 config = options.apply_options(globals())
 layers = list(layers or models.ALEXNET_LAYERS)
 if features not in ("best", "untuned") + encoding_study.TUNED_METHODS + encoding_study.POOLED_SETS:
-    raise utils.OptionsError(f"--features={features}: expected best, untuned, "
+    raise options.OptionsError(f"--features={features}: expected best, untuned, "
                              + ", ".join(encoding_study.TUNED_METHODS + encoding_study.POOLED_SETS))
 if alpha_selection not in ("val", "gcv"):
-    raise utils.OptionsError(f"--alpha_selection={alpha_selection}: expected val or gcv")
+    raise options.OptionsError(f"--alpha_selection={alpha_selection}: expected val or gcv")
 candidate_sets = list(tuned_sets) if features == "best" else [] if features == "untuned" else [features]
-torch_device = options.resolve_device(device)
+torch_device = runtime.resolve_device(device)
 alpha_grid = list(alphas or encoding.ALPHAS)
 subject_list = utils.resolve_subjects(data_dir, subjects)
 study = encoding_study.EncodingStudy(data_dir, out_dir, hemispheres, weights, image_size, split_seed, pca_components,
@@ -73,7 +74,7 @@ for subject in subject_list:
     d = study.subject(subject)
     challenge[subject] = utils.load_challenge_images(d.paths, out_dir, image_size)
     if challenge[subject] is None:
-        raise utils.DataError(f"{d.paths.train_images.parent.parent}: no test_split/test_images found for subject "
+        raise options.DataError(f"{d.paths.train_images.parent.parent}: no test_split/test_images found for subject "
                               f"{subject}; the submission needs the challenge's test images")
 
 
@@ -132,10 +133,10 @@ for subject in subject_list:
                                      voxel_alphas=alpha_of[k, vertices], device=torch_device)
             prediction[:, vertices] = fit.predict(x["challenge"])
         if not np.isfinite(prediction).all():
-            raise utils.DataError(f"{s2} {hemi}: non-finite predictions; nothing written")
+            raise options.DataError(f"{s2} {hemi}: non-finite predictions; nothing written")
         expected = (n_test_images, d.n_vertices[hemi])
         if prediction.shape != expected:
-            raise utils.DataError(f"{s2} {hemi}: predictions of shape {prediction.shape}, expected {expected}")
+            raise options.DataError(f"{s2} {hemi}: predictions of shape {prediction.shape}, expected {expected}")
         kinds = np.array([c[0] if c[0] != "untuned" else f"untuned {c[2]}" for c in candidates])
         predictions[(s2, hemi)] = prediction
         choices[(s2, hemi)] = {"val_r": chosen_val_r, "kind": kinds[choice],

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+import options
 import outputs
-import utils
 
 DATASETS = ("imagefolder", "caltech256", "places365", "sun397", "imagenet")
 
@@ -20,7 +20,7 @@ def open_dataset(dataset: str, root):
     import torchvision.datasets as tvd
     root = Path(root)
     if not root.exists():
-        raise utils.DataError(f"{root}: classification dataset folder not found")
+        raise options.DataError(f"{root}: classification dataset folder not found")
     makers = {
         "imagefolder": lambda: tvd.ImageFolder(root),
         "caltech256": lambda: tvd.Caltech256(root, download=False),
@@ -29,11 +29,11 @@ def open_dataset(dataset: str, root):
         "imagenet": lambda: tvd.ImageNet(root, split="val"),
     }
     if dataset not in makers:
-        raise utils.OptionsError(f"--classification_dataset={dataset}: expected one of {', '.join(makers)}")
+        raise options.OptionsError(f"--classification_dataset={dataset}: expected one of {', '.join(makers)}")
     try:
         return makers[dataset]()
     except (RuntimeError, FileNotFoundError) as err:
-        raise utils.DataError(f"{root}: cannot read {dataset} ({err})") from None
+        raise options.DataError(f"{root}: cannot read {dataset} ({err})") from None
 
 
 def dataset_labels(ds) -> np.ndarray:

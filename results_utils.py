@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 import encoding
+import options
 import outputs
 import significance
 import utils
@@ -35,7 +36,7 @@ def parse_comparisons(comparisons, feature_sets) -> list[tuple[str, str]]:
     for text in comparisons:
         a, sep, b = str(text).partition(":")
         if not sep or a not in feature_sets or b not in feature_sets:
-            raise utils.OptionsError(f"comparison {text!r}: expected 'set:baseline' with sets among "
+            raise options.OptionsError(f"comparison {text!r}: expected 'set:baseline' with sets among "
                                      + ", ".join(feature_sets))
         pairs.append((a, b))
     return pairs

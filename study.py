@@ -17,7 +17,9 @@ from tqdm import tqdm
 import encoding
 import features
 import models
+import options
 import outputs
+import runtime
 import significance
 import utils
 
@@ -68,7 +70,7 @@ def load_best_layers(out_dir, subject: int, hemi: str) -> dict:
     """The ROI -> layer choice written by get_best_alex_layer.py (one-line error when it has not run)."""
     path = best_layer_path(out_dir, subject, hemi)
     if not path.is_file():
-        raise utils.DataError(f"{path}: not found; run get_best_alex_layer.py for subject {subject} first")
+        raise options.DataError(f"{path}: not found; run get_best_alex_layer.py for subject {subject} first")
     return json.loads(path.read_text())
 
 
@@ -113,9 +115,9 @@ class EncodingStudy:
         self.keep_search_features, self.noise_ceiling_dir = keep_search_features, noise_ceiling_dir
         self.layer_statistic, self.pooled_h_method = layer_statistic, pooled_h_method
         if alpha_mode not in ("per-voxel", "per-roi", "paper"):
-            raise utils.OptionsError(f"--alpha_mode={alpha_mode}: expected per-voxel, per-roi or paper")
+            raise options.OptionsError(f"--alpha_mode={alpha_mode}: expected per-voxel, per-roi or paper")
         if tuned_layer not in ("best", "untuned") and tuned_layer not in self.layers:
-            raise utils.OptionsError(f"--tuned_layer={tuned_layer}: expected best, untuned or one of "
+            raise options.OptionsError(f"--tuned_layer={tuned_layer}: expected best, untuned or one of "
                                      + ", ".join(self.layers))
         self._subjects: dict = {}
         self._untuned: dict = {}
@@ -288,7 +290,7 @@ class EncodingStudy:
         embeddings = []
         with torch.no_grad(), models.batch_statistics(model):
             for b in np.array_split(np.arange(len(rows)), max(1, -(-len(rows) // batch_size))):
-                x = features.prepare_images(d.images[rows[b]], self.device)
+                x = runtime.prepare_images(d.images[rows[b]], self.device)
                 f, g = model(x, torch.from_numpy(fmri[b]).to(self.device), source)
                 embeddings.append((f.float().cpu().numpy(), g.float().cpu().numpy()))
         self.checkpoints_used.add(str(ckpt))

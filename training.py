@@ -6,16 +6,13 @@ sources) for all training scripts. It is split into the steps a reader looks for
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -25,64 +22,12 @@ import options
 import outputs
 import training_data
 import utils
-from features import autocast_context, prepare_images
+from runtime import Runtime, autocast_context, prepare_images, setup_runtime
 
 VAL_METRIC = {"cl": "val_top1", "reg": "val_r"}  # top-1 fMRI->image retrieval; mean voxel Pearson r
 TRAINING_SCRIPTS = {"cl": "cl_model_training.py", "reg": "reg_model_training.py",
                     "pooled-cl": "pooled_cl_model_training.py", "pooled-reg": "pooled_reg_model_training.py"}
 LR_SCHEDULES = ("plateau", "none")
-
-
-# ---------------------------------------------------------------------------------------------
-# Runtime: device, threads and torch.distributed (torchrun sets WORLD_SIZE / RANK / LOCAL_RANK).
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Runtime:
-    device: torch.device
-    rank: int = 0
-    world_size: int = 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self):
-        if self.world_size > 1:
-            dist.barrier()
-
-    @contextlib.contextmanager
-    def main_first(self):
-        """Rank 0 runs the block first (e.g. builds caches), the other ranks after it."""
-        if not self.is_main:
-            self.barrier()
-        yield
-        if self.is_main:
-            self.barrier()
-
-    def close(self):
-        if self.world_size > 1 and dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def setup_runtime(device: str = "auto", num_threads: int = 0) -> Runtime:
-    """Pick the device ('auto' = cuda if present) and join torch.distributed when launched by torchrun."""
-    if num_threads and num_threads > 0:
-        torch.set_num_threads(int(num_threads))
-    dev = options.resolve_device(device)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    if world > 1:
-        if dev.type == "cuda":
-            dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-            torch.cuda.set_device(dev)
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    if dev.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.set_float32_matmul_precision("high")
-    return Runtime(dev, rank, world)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,7 +155,7 @@ def restore_or_init(method: str, sources, run_dir: Path, settings: TrainSettings
             state.finished_summary = _summary(method, sources, "done", ckpt["metrics"], ckpt.get("best"))
             return state
         if "optimizer" not in ckpt:
-            raise utils.DataError(f"{last_path}: finished run saved without optimizer state (slim_finished); it "
+            raise options.DataError(f"{last_path}: finished run saved without optimizer state (slim_finished); it "
                                   f"cannot be extended from {ckpt['epoch']} to {settings.epochs} epochs; "
                                   "retrain with --resume=false")
         model.load_state_dict(ckpt["model"])
@@ -411,24 +356,24 @@ def train_roi_model(method: str, sources, run_dir, settings: TrainSettings, scri
 
 def _check_trainable(run_dir, method, sources, settings, world):
     if not sources:
-        raise utils.DataError(f"{run_dir}: no subjects to train on")
+        raise options.DataError(f"{run_dir}: no subjects to train on")
     for s in sources:
         n_train, n_val = len(s.split["train"]), len(s.split["val"])
         if n_train < 2 * world or n_val < 2 * world:
-            raise utils.DataError(f"{run_dir}: subject {s.subject} has {n_train} training and {n_val} validation "
+            raise options.DataError(f"{run_dir}: subject {s.subject} has {n_train} training and {n_val} validation "
                                   f"images; need at least {2 * world} of each ({world} ranks)")
         if s.images.shape[-1] != sources[0].images.shape[-1]:
-            raise utils.DataError(f"{run_dir}: image caches of different sizes ({s.images.shape[-1]} and "
+            raise options.DataError(f"{run_dir}: image caches of different sizes ({s.images.shape[-1]} and "
                                   f"{sources[0].images.shape[-1]} px)")
     if settings.batch_size < max(3, 2 * world):  # near-equal batches of >= 3 never leave a BatchNorm 1 row
-        raise utils.DataError(f"batch_size={settings.batch_size}: need at least 3 and 2 images per rank "
+        raise options.DataError(f"batch_size={settings.batch_size}: need at least 3 and 2 images per rank "
                               f"({world} ranks)")
     if method == "cl" and settings.temperature is None:
-        raise utils.DataError("CL training needs a temperature (cl_model_training.py's option)")
+        raise options.DataError("CL training needs a temperature (cl_model_training.py's option)")
     if settings.lr_schedule not in LR_SCHEDULES:
-        raise utils.DataError(f"lr_schedule={settings.lr_schedule!r}: expected one of {', '.join(LR_SCHEDULES)}")
+        raise options.DataError(f"lr_schedule={settings.lr_schedule!r}: expected one of {', '.join(LR_SCHEDULES)}")
     if settings.subject_order not in training_data.ORDERS:
-        raise utils.DataError(f"subject_order={settings.subject_order!r}: expected one of "
+        raise options.DataError(f"subject_order={settings.subject_order!r}: expected one of "
                               f"{', '.join(training_data.ORDERS)}")
 
 
@@ -446,18 +391,18 @@ def _summary(method, sources, status, history, best) -> dict:
 def _check_resumable(path, ckpt, method, settings, sources, image_size):
     saved = ckpt.get("settings", {})
     if ckpt.get("method") != method:
-        raise utils.DataError(f"{path}: a {ckpt.get('method')} checkpoint, cannot resume it as {method}")
+        raise options.DataError(f"{path}: a {ckpt.get('method')} checkpoint, cannot resume it as {method}")
     if ckpt.get("subjects") != [s.subject for s in sources]:
-        raise utils.DataError(f"{path}: trained on subjects {ckpt.get('subjects')}, now "
+        raise options.DataError(f"{path}: trained on subjects {ckpt.get('subjects')}, now "
                               f"{[s.subject for s in sources]}; retrain with --resume=false")
     if not all(np.array_equal(a.numpy(), s.voxel_indices) for a, s in zip(ckpt["roi_voxel_indices"], sources)):
-        raise utils.DataError(f"{path}: trained on other voxels than this ROI has now; retrain with --resume=false")
+        raise options.DataError(f"{path}: trained on other voxels than this ROI has now; retrain with --resume=false")
     if ckpt.get("image_size") != image_size:
-        raise utils.DataError(f"{path}: trained at {ckpt.get('image_size')} px, now {image_size} px")
+        raise options.DataError(f"{path}: trained at {ckpt.get('image_size')} px, now {image_size} px")
     changed = [f"{k}: {saved.get(k)!r} -> {getattr(settings, k)!r}" for k in _RESUME_KEYS
                if saved.get(k) != getattr(settings, k)]
     if changed:
-        raise utils.DataError(f"{path}: cannot resume with changed settings ({'; '.join(changed)}); restore them "
+        raise options.DataError(f"{path}: cannot resume with changed settings ({'; '.join(changed)}); restore them "
                               "or retrain with --resume=false")
 
 
@@ -471,9 +416,9 @@ def parse_shard(text) -> tuple[int, int]:
     try:
         i, n = (int(t) for t in str(text).split("/"))
     except ValueError:
-        raise utils.DataError(f"--shard={text}: expected i/n with 0 <= i < n, e.g. 0/4") from None
+        raise options.DataError(f"--shard={text}: expected i/n with 0 <= i < n, e.g. 0/4") from None
     if not (n >= 1 and 0 <= i < n):
-        raise utils.DataError(f"--shard={text}: expected i/n with 0 <= i < n, e.g. 0/4")
+        raise options.DataError(f"--shard={text}: expected i/n with 0 <= i < n, e.g. 0/4")
     return i, n
 
 

@@ -14,8 +14,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+import options
 import utils
-from features import prefetched, read_rows
+from runtime import prefetched, read_rows
 
 MIN_ROI_VOXELS = 20          # smaller ROIs give a degenerate head (h = 0.8 V, z = 0.2 V) and noisy targets
 ORDERS = ("interleaved", "sequential")
@@ -41,7 +42,7 @@ def roi_fmri(subject_data: utils.Subject, hemi: str, roi: str):
     (roi,) = utils.check_roi_names([roi])
     idx = subject_data.roi_voxel_indices[hemi][roi]
     if len(idx) < MIN_ROI_VOXELS:
-        raise utils.DataError(f"subject {subject_data.subject} {hemi} {roi}: {len(idx)} voxels; training needs at "
+        raise options.DataError(f"subject {subject_data.subject} {hemi} {roi}: {len(idx)} voxels; training needs at "
                               f"least {MIN_ROI_VOXELS} (some ROIs are empty for some subjects)")
     return np.ascontiguousarray(subject_data.fmri[hemi][:, idx], dtype=np.float32), idx
 
@@ -57,10 +58,10 @@ def pooled_candidates(data_dir, subjects=(), exclude_subject: int = 0) -> list[i
     (0 = none), whose files are then never opened."""
     found = utils.resolve_subjects(data_dir, list(subjects))
     if exclude_subject and int(exclude_subject) not in found:
-        raise utils.DataError(f"--exclude_subject={exclude_subject}: not among the subjects to pool {found}")
+        raise options.DataError(f"--exclude_subject={exclude_subject}: not among the subjects to pool {found}")
     kept = [s for s in found if s != int(exclude_subject)]
     if not kept:
-        raise utils.DataError(f"{data_dir}: no subjects left to pool (subjects {found}, excluding {exclude_subject})")
+        raise options.DataError(f"{data_dir}: no subjects left to pool (subjects {found}, excluding {exclude_subject})")
     return kept
 
 

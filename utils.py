@@ -11,15 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from options import DataError
 from outputs import atomic_path, save_json, sidecar_path, write_sidecar
-
-
-class DataError(Exception):
-    """Bad or missing input data; scripts print the message as one line and exit 1."""
-
-
-class OptionsError(DataError):
-    """Unknown or unparsable command-line option."""
 
 
 # ---- ROIs ----

@@ -15,9 +15,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 
-import features  # noqa: E402
 import models  # noqa: E402
-import training  # noqa: E402
+from runtime import prepare_images, setup_runtime  # noqa: E402
 
 N_GLOBAL, SIZE = 13, 32           # 13 rows: the ranks get 7 and 6 (uneven shards)
 N_VOXELS = (30, 20)               # a pooled model's two subjects; per-subject models use the first
@@ -40,7 +39,7 @@ def make_model(method, voxels, dtype):
 
 
 def step(method, source, symmetric, dtype, model, images, fmri):
-    x = features.prepare_images(images, "cpu").to(dtype)
+    x = prepare_images(images, "cpu").to(dtype)
     loss_back, loss_value = models.batch_loss(method, model, x, fmri.to(dtype), 0.3, symmetric, source)
     loss_back.backward()
     net = getattr(model, "module", model)
@@ -77,7 +76,7 @@ def main(out_json):
     reference = {case: step(case[1], case[3], case[4], case[5], make_model(case[1], case[2], case[5]), images,
                             fmri[case[3]]) for case in CASES}  # one process, not yet distributed
 
-    runtime = training.setup_runtime("cpu")
+    runtime = setup_runtime("cpu")
     rows = np.array_split(np.arange(N_GLOBAL), runtime.world_size)[runtime.rank]
     report = {"world_size": runtime.world_size, "rows_per_rank": len(rows)}
     for case in CASES:

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import make_demo_data as demo
+import options
 import outputs
 import utils
 
@@ -86,7 +87,7 @@ def test_mask_folder_round_trip(tmp_path):
         for hemi in utils.HEMISPHERES:
             for family in utils.ROI_FAMILIES:
                 np.testing.assert_array_equal(again_masks[subject][hemi][family], masks[subject][hemi][family])
-    with pytest.raises(utils.DataError, match="subject"):
+    with pytest.raises(options.DataError, match="subject"):
         demo.load_mask_bundle(tmp_path / "bundle", subjects=[3])
 
 
@@ -141,7 +142,7 @@ def test_rerun_skips_and_refuses_foreign_folder(demo_root, tmp_path):
     foreign = tmp_path / "not_demo"
     foreign.mkdir()
     (foreign / "keep.txt").write_text("mine")
-    with pytest.raises(utils.DataError, match="overwrite"):
+    with pytest.raises(options.DataError, match="overwrite"):
         demo.build(tiny_options(foreign))
     assert (foreign / "keep.txt").read_text() == "mine"
     assert not list(tmp_path.glob(".not_demo.*"))  # no half-built folder left behind

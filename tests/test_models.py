@@ -20,8 +20,9 @@ import torchvision
 
 import features
 import models
+import options
+import runtime
 import training
-import utils
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -72,9 +73,9 @@ def test_cl_dimensions_follow_the_original():
     # pooled: z = int(0.25 h), h = 5741 or the mean voxel count of the pooled subjects
     assert models.cl_dims([100, 201, 50], "constant") == (5741, 1435)
     assert models.cl_dims([100, 201, 50], "average") == (117, 29)
-    with pytest.raises(utils.DataError, match="one subject"):
+    with pytest.raises(options.DataError, match="one subject"):
         models.cl_dims([100, 201], "subject")
-    with pytest.raises(utils.DataError, match="h_method"):
+    with pytest.raises(options.DataError, match="h_method"):
         models.cl_dims([100], "median")
 
 
@@ -110,11 +111,11 @@ def test_models_per_subject_and_pooled_shapes():
     reg = models.build_model("reg", [30, 50], "none", dropout=0.0, backbone="tiny")
     assert reg(x).shape == (4, 30) and reg(x, 1).shape == (4, 50)
     assert all(m.p == 0.0 for m in reg.modules() if isinstance(m, torch.nn.Dropout))
-    with pytest.raises(utils.DataError, match="unknown method"):
+    with pytest.raises(options.DataError, match="unknown method"):
         models.build_model("svm", 50, "none")
-    with pytest.raises(utils.DataError, match="unknown backbone"):
+    with pytest.raises(options.DataError, match="unknown backbone"):
         models.build_model("cl", 50, "none", backbone="resnet")
-    with pytest.raises(utils.DataError, match="no pretrained weights"):
+    with pytest.raises(options.DataError, match="no pretrained weights"):
         models.build_model("cl", 50, "IMAGENET1K_V1", backbone="tiny")
 
 
@@ -190,10 +191,10 @@ def test_build_alexnet_weight_sources(tmp_path, monkeypatch):
     torch.save(net.state_dict(), path)
     loaded = models.build_alexnet(str(path))
     assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), loaded.state_dict().values()))
-    with pytest.raises(utils.DataError, match="not found"):
+    with pytest.raises(options.DataError, match="not found"):
         models.build_alexnet(str(tmp_path / "missing.pth"))
     torch.save({"foo": torch.zeros(2)}, tmp_path / "bad.pth")
-    with pytest.raises(utils.DataError, match="not an AlexNet state dict"):
+    with pytest.raises(options.DataError, match="not an AlexNet state dict"):
         models.build_alexnet(str(tmp_path / "bad.pth"))
 
     import torchvision.models._api as api
@@ -201,7 +202,7 @@ def test_build_alexnet_weight_sources(tmp_path, monkeypatch):
     def offline(*args, **kwargs):
         raise URLError("no network")
     monkeypatch.setattr(api, "load_state_dict_from_url", offline)
-    with pytest.raises(utils.DataError) as err:
+    with pytest.raises(options.DataError) as err:
         models.build_alexnet("IMAGENET1K_V1")
     message = str(err.value)
     assert "--weights=none" in message and ".pth" in message and str(torch.hub.get_dir()) in message
@@ -210,12 +211,12 @@ def test_build_alexnet_weight_sources(tmp_path, monkeypatch):
 def test_prepare_images_normalises_and_flips():
     rng = np.random.default_rng(0)
     batch = rng.integers(0, 256, (3, 3, 8, 8), dtype=np.uint8)
-    mean = np.array(features.IMAGENET_MEAN).reshape(1, 3, 1, 1)
-    std = np.array(features.IMAGENET_STD).reshape(1, 3, 1, 1)
+    mean = np.array(runtime.IMAGENET_MEAN).reshape(1, 3, 1, 1)
+    std = np.array(runtime.IMAGENET_STD).reshape(1, 3, 1, 1)
     expected = (batch / 255.0 - mean) / std
-    out = features.prepare_images(batch, "cpu")
+    out = runtime.prepare_images(batch, "cpu")
     assert out.dtype == torch.float32 and np.allclose(out.numpy(), expected, atol=1e-5)
-    flipped = features.prepare_images(torch.from_numpy(batch), "cpu", channels_last=True, flip=[True, False, True])
+    flipped = runtime.prepare_images(torch.from_numpy(batch), "cpu", channels_last=True, flip=[True, False, True])
     assert flipped.is_contiguous(memory_format=torch.channels_last)
     assert np.allclose(flipped.numpy()[[0, 2]], expected[[0, 2], :, :, ::-1], atol=1e-5)
     assert np.allclose(flipped.numpy()[1], expected[1], atol=1e-5)
@@ -228,8 +229,8 @@ def test_extract_features_matches_direct_forward():
     indices = np.array([5, 1, 3, 6])
     feats = features.extract_features(net, images, indices, ("features.2", "features.12", "classifier.6"),
                                     batch_size=3)
-    mean = torch.tensor(features.IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(features.IMAGENET_STD).view(1, 3, 1, 1)
+    mean = torch.tensor(runtime.IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(runtime.IMAGENET_STD).view(1, 3, 1, 1)
     x = (torch.from_numpy(images[indices]).double() / 255 - mean) / std
     with torch.no_grad():
         direct = {"features.2": net.features[:3](x.float()).flatten(1), "features.12": net.features(x.float()).flatten(1),
@@ -255,9 +256,9 @@ def test_checkpoint_round_trip_per_subject_and_pooled(tmp_path):
     scheduler.step(1.0)
     path = models.checkpoint_path(tmp_path, "cl", 3, "rh", "FFA-1", "last")
     assert path == tmp_path / "models" / "cl" / "subj03" / "rh" / "FFA-1" / "last.pt"
-    options = {"epochs": 2, "rois": ["V1v"], "out_dir": Path("x")}
+    script_options = {"epochs": 2, "rois": ["V1v"], "out_dir": Path("x")}
     metrics = [{"epoch": 1, "val_loss": np.float32(0.5)}]
-    models.save_checkpoint(path, model, optimizer, scheduler, 1, options, np.array([4, 5, 9]), metrics, subjects=[3],
+    models.save_checkpoint(path, model, optimizer, scheduler, 1, script_options, np.array([4, 5, 9]), metrics, subjects=[3],
                            done=False)
     raw = torch.load(path, weights_only=True)  # plain types and tensors only
     assert raw["epoch"] == 1 and raw["options"]["out_dir"] == "x" and raw["metrics"][0]["val_loss"] == 0.5
@@ -293,10 +294,10 @@ def test_checkpoint_round_trip_per_subject_and_pooled(tmp_path):
         assert torch.equal(models.load_roi_model(pooled_path)(x, 1), pooled(x, 1))
         assert torch.equal(features.load_backbone(str(pooled_path), "cpu")(x), pooled.backbone(x))
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(utils.DataError, match="unreadable checkpoint"):
+    with pytest.raises(options.DataError, match="unreadable checkpoint"):
         models.load_checkpoint(tmp_path / "junk.pt")
     torch.save({**raw, "format": "roi_model_v1"}, tmp_path / "old.pt")
-    with pytest.raises(utils.DataError, match="roi_model_v1: retrain"):
+    with pytest.raises(options.DataError, match="roi_model_v1: retrain"):
         models.load_checkpoint(tmp_path / "old.pt")
 
 
@@ -308,11 +309,11 @@ def test_sweep_shards_cover_every_job_once():
         flat = [job for shard in shards for job in shard]
         assert sorted(flat) == sorted(every) and len(flat) == len(every)
     for bad in ("2/2", "1", "a/b", "-1/3"):
-        with pytest.raises(utils.DataError, match="shard"):
+        with pytest.raises(options.DataError, match="shard"):
             training.parse_shard(bad)
-    with pytest.raises(utils.DataError, match="unknown ROI"):
+    with pytest.raises(options.DataError, match="unknown ROI"):
         training.sweep_jobs(["lh"], ["FFA-9"])
-    with pytest.raises(utils.DataError, match="hemisphere"):
+    with pytest.raises(options.DataError, match="hemisphere"):
         training.sweep_jobs(["left"], ["V1v"])
 
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import scipy.stats
 
+import options
 import significance
 import utils
 from conftest import make_tiny_dataset
@@ -72,7 +73,7 @@ def test_bad_noise_ceiling_is_a_one_line_error_naming_the_file(one_subject, bad,
     write_nc(nc_dir, {"lh": bad, "rh": np.full(80, 0.5)})
     for load in (lambda: utils.validate_subject(paths, noise_ceiling_dir=nc_dir),
                  lambda: utils.load_subject(root, 1, noise_ceiling_dir=nc_dir)):
-        with pytest.raises(utils.DataError, match=message) as err:
+        with pytest.raises(options.DataError, match=message) as err:
             load()
         assert str(nc_dir / "subj01" / "lh_noise_ceiling.npy") in str(err.value) and "\n" not in str(err.value)
 
@@ -80,7 +81,7 @@ def test_bad_noise_ceiling_is_a_one_line_error_naming_the_file(one_subject, bad,
 def test_missing_noise_ceiling_file_in_the_given_dir(one_subject):
     _, paths, nc_dir = one_subject
     write_nc(nc_dir, {"lh": np.full(80, 0.5)})
-    with pytest.raises(utils.DataError, match="rh_noise_ceiling.npy: noise ceiling file not found"):
+    with pytest.raises(options.DataError, match="rh_noise_ceiling.npy: noise ceiling file not found"):
         utils.validate_subject(paths, noise_ceiling_dir=nc_dir)
 
 

@@ -19,8 +19,9 @@ import numpy as np
 import pytest
 import torch
 
-import features
 import models
+import options
+import runtime
 import training
 import training_data
 import utils
@@ -47,7 +48,7 @@ def tiny(tmp_path_factory):
     out_dir = root / "out"
     data = {s: utils.load_subject(data_dir, s, out_dir, SIZE, hemispheres=["lh"]) for s in (1, 2, 3)}
     return {"root": root, "data_dir": data_dir, "out_dir": out_dir, "data": data,
-            "runtime": training.setup_runtime("cpu")}
+            "runtime": runtime.setup_runtime("cpu")}
 
 
 def read_log(run_dir) -> list[dict]:
@@ -165,8 +166,8 @@ def test_validation_is_the_training_objective_and_leaves_the_model_unchanged(tin
 
     # independently: a train-mode copy without dropout on the sorted val rows cut into ceil(n / 4) near-equal batches
     reference = models.set_dropout(copy.deepcopy(model), 0.0).train()
-    mean = np.array(features.IMAGENET_MEAN).reshape(1, 3, 1, 1)
-    std = np.array(features.IMAGENET_STD).reshape(1, 3, 1, 1)
+    mean = np.array(runtime.IMAGENET_MEAN).reshape(1, 3, 1, 1)
+    std = np.array(runtime.IMAGENET_STD).reshape(1, 3, 1, 1)
     eval_copy = copy.deepcopy(model).eval()
     for k, (s, result) in enumerate(zip(sources, results)):
         rows = np.sort(s.split["val"])
@@ -226,7 +227,7 @@ def test_cl_and_reg_learn_the_signal_roi(tiny, cl_run):
     # deterministic check (no dropout, no BatchNorm): training-set MSE of the tuned model < of the initial one
     fmri, _ = training_data.roi_fmri(tiny["data"][1], "lh", "FFA-1")
     rows = tiny["data"][1].split["train"]
-    x = features.prepare_images(tiny["data"][1].images[rows], "cpu")
+    x = runtime.prepare_images(tiny["data"][1].images[rows], "cpu")
     y = torch.from_numpy(fmri[rows])
     torch.manual_seed(FAST.seed)
     initial = models.build_model("reg", 30, "none", 0.0, "tiny").eval()
@@ -258,7 +259,7 @@ def test_lr_schedules_plateau_and_none(tiny):
     assert [r["lr"] for r in plateau] == pytest.approx(expected_plateau_lrs([r["val_loss"] for r in plateau],
                                                                             3e-2, 0.5, 0))
     assert len({r["lr"] for r in plateau}) > 1 and [r["lr"] for r in constant] == [3e-2] * 4
-    with pytest.raises(utils.DataError, match="lr_schedule"):
+    with pytest.raises(options.DataError, match="lr_schedule"):
         train(tiny, "reg", "V1v", tiny["root"] / "runs" / "bad", replace(settings, lr_schedule="cosine"))
 
 
@@ -279,7 +280,7 @@ def test_resume_equals_uninterrupted_run(tiny):
     # a finished run resumes as done; changed settings refuse to resume
     assert train(tiny, "cl", "V1v", parts, replace(settings, resume=True))["status"] == "done"
     (parts / "done.json").unlink()
-    with pytest.raises(utils.DataError, match="changed settings"):
+    with pytest.raises(options.DataError, match="changed settings"):
         train(tiny, "cl", "V1v", parts, replace(settings, resume=True, epochs=3, lr=1e-2))
 
 
@@ -287,7 +288,7 @@ def test_small_and_empty_rois_are_refused(tiny):
     data = tiny["data"][1]
     small = replace(data, roi_voxel_indices={"lh": {**data.roi_voxel_indices["lh"],
                                                     "V1v": data.roi_voxel_indices["lh"]["V1v"][:12]}})
-    with pytest.raises(utils.DataError, match="12 voxels; training needs at least 20"):
+    with pytest.raises(options.DataError, match="12 voxels; training needs at least 20"):
         training_data.roi_fmri(small, "lh", "V1v")
     proc = subprocess.run([sys.executable, str(REPO / "cl_model_training.py"), f"--data_dir={tiny['data_dir']}",
                            f"--out_dir={tiny['out_dir']}", "--roi=mTL-faces", *COMMON_ARGS],
@@ -431,7 +432,7 @@ def test_pooled_resume_equals_uninterrupted_run_and_logs_each_subject(tiny):
     for row in log:  # per subject, and their mean drives model selection
         assert row["val_loss"] == pytest.approx((row["val_loss_subj01"] + row["val_loss_subj02"]) / 2)
         assert row["val_top1"] == pytest.approx((row["val_top1_subj01"] + row["val_top1_subj02"]) / 2)
-    with pytest.raises(utils.DataError, match="subjects"):
+    with pytest.raises(options.DataError, match="subjects"):
         train(tiny, "cl", "FFA-1", parts, replace(settings, resume=True, epochs=3), (1, 3))
 
 
@@ -458,5 +459,5 @@ def test_leave_one_subject_out_never_reads_the_left_out_subject(tiny):
     assert rows["FFA-1"]["subjects"] == "1 2" and rows["FFA-1"]["status"] == "trained"
     assert rows["mTL-faces"]["status"].startswith("skipped: no subject")
     # the poison works: reading subject 3 fails, naming its file
-    with pytest.raises(utils.DataError, match="subj03.*lh_training_fmri.npy"):
+    with pytest.raises(options.DataError, match="subj03.*lh_training_fmri.npy"):
         utils.load_subject(poisoned, 3, hemispheres=["lh"])

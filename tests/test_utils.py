@@ -37,7 +37,7 @@ def test_options_parse_types_lists_bools_and_config(tmp_path):
     (["epochs=3"], "not of the form --name=value"),
 ])
 def test_options_errors_name_valid_choices(argv, message):
-    with pytest.raises(utils.OptionsError, match=message):
+    with pytest.raises(options.OptionsError, match=message):
         options.apply_options({"epochs": 30, "amp": True}, argv)
 
 
@@ -59,7 +59,7 @@ def test_both_layouts_are_found_and_agree(tmp_path, layout):
 
 
 def test_missing_subject_error_says_what_was_looked_for(tmp_path):
-    with pytest.raises(utils.DataError, match=r"subject 3 not found .*subj03/training_split.*training_fmri/Subj3"):
+    with pytest.raises(options.DataError, match=r"subject 3 not found .*subj03/training_split.*training_fmri/Subj3"):
         utils.find_subject(make_tiny_dataset(tmp_path / "d"), 3)
 
 
@@ -71,7 +71,7 @@ def test_roi_names_stripped_and_unknown_rejected(tmp_path):
     masks = utils.load_roi_masks(paths, "lh", 240)
     assert list(masks) == list(utils.ROI_NAMES) and masks["OFA"].sum() == 30
     assert utils.check_roi_names([" PPA "]) == ["PPA"]
-    with pytest.raises(utils.DataError, match="unknown ROI 'FFA'; valid ROIs: V1v"):
+    with pytest.raises(options.DataError, match="unknown ROI 'FFA'; valid ROIs: V1v"):
         utils.check_roi_names(["FFA"])
 
 
@@ -95,7 +95,7 @@ def test_restricted_unpickler_reads_official_and_rejects_code(tmp_path):
     marker = tmp_path / "code_ran"
     evil = tmp_path / "mapping_evil.npy"
     np.save(evil, np.array({0: _RunsCode(marker)}, dtype=object))
-    with pytest.raises(utils.DataError, match="refusing to unpickle posix.system"):
+    with pytest.raises(options.DataError, match="refusing to unpickle posix.system"):
         utils.load_roi_mapping(evil)
     assert not marker.exists()
     # The file really is dangerous: an unrestricted load runs the command.
@@ -147,7 +147,7 @@ def _break(kind: str, root: Path) -> str:
 def test_validation_errors_exit_nonzero_with_one_line_and_write_nothing(tmp_path, kind):
     root = make_tiny_dataset(tmp_path / "d")
     expected = _break(kind, root)
-    with pytest.raises(utils.DataError, match=expected.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(options.DataError, match=expected.replace("(", r"\(").replace(")", r"\)")):
         utils.validate_subject(utils.find_subject(root, 1))
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, str(REPO / "generate_voxel_roi_mappings.py"),
@@ -162,7 +162,7 @@ def test_truncated_png_is_named_and_leaves_no_cache(tmp_path):
     images = utils.list_images(utils.find_subject(root, 1).train_images)
     data = images[3].read_bytes()
     images[3].write_bytes(data[: len(data) // 2])
-    with pytest.raises(utils.DataError, match=f"{images[3].name}: unreadable or truncated image"):
+    with pytest.raises(options.DataError, match=f"{images[3].name}: unreadable or truncated image"):
         utils.load_image_cache(tmp_path / "out", 1, images, size=32)
     assert not any((tmp_path / "out" / "image_cache").iterdir())
 
@@ -190,7 +190,7 @@ def test_split_written_once_and_read_by_every_stage(tmp_path):
     again = utils.get_split(tmp_path / "out", 1, images, seed=99)  # later stage, other seed: saved split wins
     for name in utils.SPLIT_NAMES:
         np.testing.assert_array_equal(first[name], again[name])
-    with pytest.raises(utils.DataError, match="split was made for a different image list"):
+    with pytest.raises(options.DataError, match="split was made for a different image list"):
         utils.get_split(tmp_path / "out", 1, images[:-1])
 
 
@@ -261,5 +261,5 @@ def test_sectioned_config_sets_each_scripts_options(tmp_path):
                          ({"generate_results.py": {"epochs": 3}}, "has no option 'epochs'"),
                          ({"nope.py": {}}, "names no script")):
         cfg.write_text(json.dumps(bad))
-        with pytest.raises(utils.OptionsError, match=message):
+        with pytest.raises(options.OptionsError, match=message):
             options.read_config(cfg, "cl_model_training.py", cl_defaults)
