@@ -1,4 +1,4 @@
-"""Encoding core: Pearson r, PCA fitted on train, ridge with one alpha per voxel, the Algonauts challenge score.
+"""Encoding core: Pearson r, ridge with one alpha per voxel, feature scaling, the Algonauts challenge score.
 
 Depends on nothing else in this repo (numpy, torch, scikit-learn only). Conventions:
 - arrays are images x voxels (rows = stimuli, columns = voxels/vertices), features images x features;
@@ -111,99 +111,6 @@ def challenge_score(r, noise_ceiling):
     return out
 
 
-# -- Encoding core: PCA (fit on train only) --
-
-
-def fit_pca(X_train, n_components: int = 1000, seed: int = 0, device=None):
-    """PCA fitted on the train rows only; use its .transform on every split.
-
-    CPU: scikit-learn's randomized PCA (a torch port measured 1.7x slower on the 2-core CPU); when the components
-    are most of min(n_images, n_features), the exact PCA from the images' Gram matrix (few images, wide layers: a
-    375 x 14,400 layer took 0.4 s this way, 13 s by LAPACK's SVD and 14 s randomized, on the 2-core CPU).
-    CUDA device: TorchPCA (randomized, on the GPU). n_components is capped at min(n_images - 1, n_features), the
-    centred train rank: a component beyond it has zero train variance yet would move val/test predictions.
-    """
-    X_train = X_train if _is_torch(X_train) else np.asarray(X_train)
-    if X_train.ndim != 2 or X_train.shape[0] < 2:
-        raise ValueError(f"PCA input of shape {tuple(X_train.shape)}: expected images x features with >= 2 images")
-    n_components = int(min(n_components, X_train.shape[0] - 1, X_train.shape[1]))
-    if device is not None and _device(device).type == "cuda":
-        return TorchPCA(n_components, seed, device).fit(X_train)
-    if n_components > 0.5 * min(X_train.shape) and X_train.shape[0] <= X_train.shape[1]:
-        return _gram_pca(np.asarray(X_train), n_components)
-    from sklearn.decomposition import PCA
-    return PCA(n_components=n_components, svd_solver="randomized", random_state=seed).fit(X_train)
-
-
-def _gram_pca(X, n_components: int):
-    """Exact PCA of a wide matrix (images <= features) from the eigendecomposition of its n x n Gram matrix, as
-    scikit-learn's PCA object (its sign convention; directions of (numerically) zero variance left out)."""
-    mean = X.mean(0, dtype=np.float64)
-    Xc = X - mean
-    eigenvalues, U = np.linalg.eigh((Xc @ Xc.T).astype(np.float64))
-    order = np.argsort(eigenvalues)[::-1][:n_components]
-    s = np.sqrt(np.clip(eigenvalues[order], 0, None))
-    keep = s > s[0] * max(X.shape) * np.finfo(X.dtype).eps
-    s, U = s[keep], U[:, order[keep]]
-    components = (U.T @ Xc) / s[:, None]
-    signs = np.sign(components[np.arange(len(s)), np.abs(components).argmax(1)])  # sklearn's svd_flip (v-based)
-    return pca_from_arrays({"mean": mean.astype(X.dtype), "components": (components * signs[:, None]).astype(X.dtype),
-                            "explained_variance": (s ** 2 / (len(X) - 1)).astype(X.dtype)})
-
-
-def pca_arrays(pca) -> dict:
-    """A fitted PCA's parameters as plain arrays (to save with numpy, never pickled)."""
-    return {"mean": np.asarray(pca.mean_, dtype=np.float32), "components": np.asarray(pca.components_, np.float32),
-            "explained_variance": np.asarray(pca.explained_variance_, dtype=np.float32)}
-
-
-def pca_from_arrays(arrays):
-    """scikit-learn's PCA restored from pca_arrays(): its own transform, (X - mean) @ components.T."""
-    from sklearn.decomposition import PCA
-    components = np.asarray(arrays["components"])
-    pca = PCA(n_components=components.shape[0])
-    pca.mean_, pca.components_ = np.asarray(arrays["mean"]), components
-    pca.explained_variance_ = np.asarray(arrays["explained_variance"])
-    pca.n_components_, pca.n_features_in_ = components.shape
-    return pca
-
-
-class TorchPCA:
-    """Randomized PCA in torch (Halko et al.: range finder with power iterations, as sklearn's), for the GPU.
-
-    Fitted attributes mirror sklearn's PCA: mean_, components_ (k x d), explained_variance_; transform(X).
-    """
-
-    def __init__(self, n_components: int, seed: int = 0, device="cuda", n_oversamples: int = 10, n_iter: int = 7):
-        self.n_components, self.seed, self.device = n_components, seed, _device(device)
-        self.n_oversamples, self.n_iter = n_oversamples, n_iter
-
-    def fit(self, X):
-        import torch
-        X = torch.as_tensor(np.asarray(X, dtype=np.float32) if not _is_torch(X) else X, device=self.device).float()
-        mean = X.mean(0)
-        Xc = X - mean
-        k = min(self.n_components + self.n_oversamples, *Xc.shape)
-        generator = torch.Generator(device=self.device).manual_seed(self.seed)
-        Q = torch.randn(Xc.shape[1], k, device=self.device, generator=generator)
-        for _ in range(self.n_iter):  # power iterations, re-orthonormalised (LU in sklearn, QR here)
-            Q = torch.linalg.qr(Xc @ Q).Q
-            Q = torch.linalg.qr(Xc.T @ Q).Q
-        Q = torch.linalg.qr(Xc @ Q).Q
-        _, S, Vt = torch.linalg.svd(Q.T @ Xc, full_matrices=False)
-        # sklearn's sign convention (svd_flip, v-based): the largest |entry| of each component is positive
-        signs = torch.sign(Vt.gather(1, Vt.abs().argmax(1, keepdim=True)))[:, 0]
-        Vt = Vt * signs[:, None]
-        self.mean_ = mean.cpu().numpy()
-        self.components_ = Vt[:self.n_components].cpu().numpy()
-        self.explained_variance_ = (S[:self.n_components] ** 2 / (X.shape[0] - 1)).cpu().numpy()
-        self.n_components_ = self.components_.shape[0]
-        return self
-
-    def transform(self, X) -> np.ndarray:
-        return ((np.asarray(X, dtype=np.float32) - self.mean_) @ self.components_.T).astype(np.float32)
-
-
 # -- Encoding core: ridge with one alpha per voxel, from one eigendecomposition --
 
 
@@ -220,6 +127,7 @@ class RidgeFit:
     score: str                # 'r' (Pearson, higher is better) or 'mse' (lower is better): val_scores_
     gcv_scores_: np.ndarray | None = None  # n_alphas x voxels GCV on train (selection='gcv'; lower is better)
     selection: str = "val"    # how alphas_ were chosen: 'val' or 'gcv'
+    val_fold_scores_: np.ndarray | None = None  # folds x n_alphas x voxels: val scores on each fold (val_folds)
 
     def predict(self, X) -> np.ndarray:
         """Predicted responses (images x voxels, float32) for features X (images x features)."""
@@ -303,7 +211,7 @@ def _eigen_basis(Xc):
 
 def fit_ridge(X_train, Y_train, X_val=None, Y_val=None, alphas=ALPHAS, *, voxel_alphas=None,
               selection: str = "val", score: str = "r", compute_coef: bool = True, device=None,
-              dtype: str = "float32", voxel_chunk: int = 4096, progress: bool = False) -> RidgeFit:
+              dtype: str = "float32", voxel_chunk: int = 4096, progress: bool = False, val_folds=None) -> RidgeFit:
     """Ridge regression with an intercept (by centring, like sklearn fit_intercept=True).
 
     alphas scalar: one fixed alpha for every voxel (the paper's mode, e.g. PAPER_ALPHA_UNTUNED).
@@ -320,6 +228,8 @@ def fit_ridge(X_train, Y_train, X_val=None, Y_val=None, alphas=ALPHAS, *, voxel_
     the winners on their voxels with voxel_alphas=fit.alphas_[voxels] (e.g. on train + val).
     All alphas and voxels share one eigendecomposition of the centred train Gram matrix; voxels are
     processed in chunks of voxel_chunk so memory stays flat. dtype: precision of the big matmuls.
+    val_folds: a fold number (0..F-1) per val row: also score every alpha on each fold (val_fold_scores_), e.g. to
+    choose alphas on one half of val and score on the other (cross-fitting) from one fit.
     """
     import torch
     if score not in ("r", "mse"):
@@ -388,15 +298,24 @@ def fit_ridge(X_train, Y_train, X_val=None, Y_val=None, alphas=ALPHAS, *, voxel_
         Xv_t = torch.as_tensor(np.asarray(Xv, dtype=np.float64), device=dev)
         if not torch.isfinite(Xv_t).all():
             raise ValueError("X_val: non-finite feature values (NaN or inf)")
-        # r: centre val predictions on their own mean; mse: predictions with the train intercept
-        shift = Xv_t.mean(0) if score == "r" else x_mean
-        A_val = _mm(Xv_t - shift, V)                 # n_val x k
-        # |A_val w|^2 = |R w|^2 with A_val = QR: R is upper triangular (k x k at most), so the
-        # prediction norms of all alphas cost about half the val predictions (_val_sq_norms)
-        with _one_cpu_thread(dev, p):
-            R_val = torch.linalg.qr(A_val, mode="r").R
-        val_blocks = [(lo, loop(block.to(tw))) for lo, block in _stacked_triangular_blocks(R_val, D)]
-        A_val, n_val = loop(A_val.to(tw)), Xv.shape[0]
+        # the whole val split, then each fold: (rows, A_val, stacked blocks of R diag(d_a), n)
+        groups = [np.arange(Xv.shape[0])]
+        if val_folds is not None:
+            val_folds = np.asarray(val_folds).ravel()
+            if val_folds.shape != (Xv.shape[0],) or val_folds.min(initial=0) < 0:
+                raise ValueError(f"val_folds of shape {val_folds.shape}: expected one fold number >= 0 per val row")
+            groups += [np.flatnonzero(val_folds == f) for f in range(int(val_folds.max(initial=-1)) + 1)]
+        val_parts = []
+        for rows in groups:
+            Xg = Xv_t[torch.as_tensor(rows, device=dev)]
+            # r: centre val predictions on their own mean; mse: predictions with the train intercept
+            A_val = _mm(Xg - (Xg.mean(0) if score == "r" else x_mean), V)   # n_val x k
+            # |A_val w|^2 = |R w|^2 with A_val = QR: R is upper triangular (k x k at most), so the
+            # prediction norms of all alphas cost about half the val predictions (_val_sq_norms)
+            with _one_cpu_thread(dev, p):
+                R_val = torch.linalg.qr(A_val, mode="r").R
+            val_parts.append((rows, loop(A_val.to(tw)),
+                              [(lo, loop(block.to(tw))) for lo, block in _stacked_triangular_blocks(R_val, D)]))
         del Xv_t
     # a numpy block (maybe a strided view or read-only memmap) in the loop's dtype, on the device
     on_device = ((lambda a: np.asarray(a, dtype=dtype)) if xp is np
@@ -407,6 +326,8 @@ def fit_ridge(X_train, Y_train, X_val=None, Y_val=None, alphas=ALPHAS, *, voxel_
     intercept = np.empty(v, dtype=np.float32) if compute_coef else None
     y_mean = np.empty(v, dtype=np.float64)
     val_scores = np.empty((grid.size, v), dtype=np.float32) if (has_val and voxel_alphas is None) else None
+    fold_scores = (np.empty((len(val_parts) - 1, grid.size, v), dtype=np.float32)
+                   if val_scores is not None and val_folds is not None else None)
     gcv_scores = np.empty((grid.size, v), dtype=np.float32) if gcv else None
 
     starts = range(0, v, voxel_chunk)
@@ -427,21 +348,26 @@ def fit_ridge(X_train, Y_train, X_val=None, Y_val=None, alphas=ALPHAS, *, voxel_
             gcv_scores[:, cols] = scores
             scores = -scores                         # higher is better below
         if val_scores is not None:
-            Yv = np.array(Yv_all[:, cols], dtype=np.float64)
-            val_constant = Yv.max(0) == Yv.min(0)     # r undefined (centring leaves rounding noise, not 0)
-            Yv -= Yv.mean(0) if score == "r" else ym
-            yy_val = np.einsum("ij,ij->j", Yv, Yv)
-            # cross terms of all alphas at once: sum_i P_a[i,j] Yv[i,j] = sum_k d_a[k] Z[k,j] C[k,j]
-            cross = host(Dt.T @ (Z * (A_val.T @ on_device(Yv)))).astype(np.float64)  # alphas x vc
-            pp = host(_val_sq_norms(val_blocks, Z, grid.size)).astype(np.float64)  # |val predictions|^2
-            with np.errstate(invalid="ignore", divide="ignore"):
-                if score == "r":
-                    scores = cross / np.sqrt(pp * yy_val)
-                    scores[:, val_constant] = np.nan
+            Yv_chunk = np.array(Yv_all[:, cols], dtype=np.float64)
+            for g, (rows, A_val, val_blocks) in enumerate(val_parts if fold_scores is not None else val_parts[:1]):
+                Yv = Yv_chunk[rows]
+                val_constant = Yv.max(0) == Yv.min(0)     # r undefined (centring leaves rounding noise, not 0)
+                Yv -= Yv.mean(0) if score == "r" else ym
+                yy_val = np.einsum("ij,ij->j", Yv, Yv)
+                # cross terms of all alphas at once: sum_i P_a[i,j] Yv[i,j] = sum_k d_a[k] Z[k,j] C[k,j]
+                cross = host(Dt.T @ (Z * (A_val.T @ on_device(Yv)))).astype(np.float64)  # alphas x vc
+                pp = host(_val_sq_norms(val_blocks, Z, grid.size)).astype(np.float64)  # |val predictions|^2
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    if score == "r":
+                        scores = cross / np.sqrt(pp * yy_val)
+                        scores[:, val_constant] = np.nan
+                    else:
+                        scores = np.clip(yy_val - 2 * cross + pp, 0, None) / len(rows)
+                if g == 0:
+                    val_scores[:, cols] = scores
                 else:
-                    scores = np.clip(yy_val - 2 * cross + pp, 0, None) / n_val
-            val_scores[:, cols] = scores
-            scores = scores if score == "r" else -scores
+                    fold_scores[g - 1][:, cols] = scores
+            scores = val_scores[:, cols] if score == "r" else -val_scores[:, cols]
         if select:
             ranked = np.nan_to_num(scores, nan=-np.inf)
             # no finite score (e.g. constant voxel): the most shrinkage
@@ -453,7 +379,7 @@ def fit_ridge(X_train, Y_train, X_val=None, Y_val=None, alphas=ALPHAS, *, voxel_
             intercept[cols] = ym - x_mean @ coef_c.astype(np.float64)
     return RidgeFit(coef_=coef, intercept_=intercept, x_mean_=x_mean, y_mean_=y_mean,
                     alphas_=grid[chosen], alpha_grid_=grid, val_scores_=val_scores, score=score,
-                    gcv_scores_=gcv_scores, selection=selection if select else "val")
+                    gcv_scores_=gcv_scores, selection=selection if select else "val", val_fold_scores_=fold_scores)
 
 
 def _column_moments(Y, squares: bool, block_rows: int = 256):

@@ -9,10 +9,11 @@ import torch
 import torch.utils.data
 from torch import nn
 
-import encoding
 import models
 import options
 import outputs
+import paths
+import pca
 import runtime
 import utils
 from models import ALEXNET_LAYERS
@@ -95,7 +96,7 @@ def backbone_spec_tag(spec: str) -> str:
         raise options.DataError(f"{path}: model checkpoint not found")
     st = path.stat()
     key = f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
-    parts = path.parent.parts[-4:]  # method / subjXX / hemi / roi
+    parts = path.parent.parts[-6:]  # backbone / method / subjXX / hemi / roi / seed (pooled: ... / loso / seed)
     return "-".join(parts + (path.stem, hashlib.sha1(key.encode()).hexdigest()[:8]))
 
 
@@ -125,7 +126,7 @@ def layer_features(out_dir, subject: int, spec: str, layers, image_sets: dict, i
     layers = list(layers)
     if "train" not in image_sets:
         raise ValueError("layer_features needs a 'train' image set (the PCA is fitted on it)")
-    cache_dir = Path(out_dir) / "features" / utils.subject_dir_name(subject) / backbone_spec_tag(spec)
+    cache_dir = paths.feature_cache_dir(out_dir, subject, backbone_spec_tag(spec))
     train_key = f"{image_size}px_pca{pca_components}-{_indices_hash(image_sets['train'][1])}"
 
     def file_of(layer, name):
@@ -143,7 +144,7 @@ def layer_features(out_dir, subject: int, spec: str, layers, image_sets: dict, i
             todo[layer] = missing if file_of(layer, "train").is_file() else list(image_sets)
     if todo:
         _extract_and_reduce(spec, todo, image_sets, cache_dir, file_of, pca_file, pca_components, seed, device,
-                            batch_size, f"{utils.subject_dir_name(subject)} {Path(spec).parent.name or spec}")
+                            batch_size, f"{paths.subject_dir_name(subject)} {Path(spec).parent.name or spec}")
     return {layer: {name: np.load(file_of(layer, name)) for name in image_sets} for layer in layers}
 
 
@@ -167,19 +168,19 @@ def _extract_and_reduce(spec, todo: dict, image_sets, cache_dir, file_of, pca_fi
                              desc=f"{desc} {name} features", out=raw[name])
         for layer, names in todo.items():
             width = raw[names[0]][layer].shape[1]
-            pca = None
+            fitted = None
             if width > pca_components:
                 if "train" in names:
-                    pca = encoding.fit_pca(np.asarray(raw["train"][layer]), pca_components, seed, device)
-                    outputs.save_npz(pca_file(layer), encoding.pca_arrays(pca), {"pca_components": pca_components,
+                    fitted = pca.fit(np.asarray(raw["train"][layer]), pca_components, seed, device)
+                    outputs.save_npz(pca_file(layer), pca.arrays(fitted), {"pca_components": pca_components,
                                                                                  "seed": seed}, backbone=spec)
                 else:
-                    pca = encoding.pca_from_arrays(np.load(pca_file(layer)))
+                    fitted = pca.from_arrays(np.load(pca_file(layer)))
             for name in names:
                 feats = raw[name][layer]
-                if pca is not None:  # the fitted PCA's own transform, in row chunks
-                    feats = np.concatenate([pca.transform(feats[i:i + 4096]) for i in range(0, len(feats), 4096)]
-                                           or [np.empty((0, pca.n_components_), dtype=np.float32)])
+                if fitted is not None:  # the fitted PCA's own transform, in row chunks
+                    feats = np.concatenate([fitted.transform(feats[i:i + 4096]) for i in range(0, len(feats), 4096)]
+                                           or [np.empty((0, fitted.n_components_), dtype=np.float32)])
                 outputs.save_npy(file_of(layer, name), np.ascontiguousarray(feats, dtype=np.float32))
                 path = Path(raw[name].pop(layer).filename)  # free the disk as soon as a layer is done
                 path.unlink(missing_ok=True)
@@ -199,7 +200,7 @@ def subject_image_sets(subject_data: utils.Subject, splits=utils.SPLIT_NAMES, ch
 
 def drop_cached_layers(out_dir, subject: int, spec: str, keep) -> None:
     """Delete a backbone's cached features except the kept layers (a tuned search needs only its chosen one)."""
-    cache_dir = Path(out_dir) / "features" / utils.subject_dir_name(subject) / backbone_spec_tag(spec)
+    cache_dir = paths.feature_cache_dir(out_dir, subject, backbone_spec_tag(spec))
     for path in cache_dir.glob("*.npy*") if cache_dir.is_dir() else ():
         if path.name.split("_", 1)[0] not in keep and not path.name.endswith((".tmp.npy",)):
             path.unlink(missing_ok=True)

@@ -12,84 +12,92 @@ Tables (.csv/.npy/.md) and figures (.png) go to results_dir, each with a .meta.j
 """
 # ---- OPTIONS (override with --name=value or --config=FILE.json) ----
 data_dir = "algonauts_2023_challenge_data"  # Algonauts 2023 download (read only)
-out_dir = "out"                             # splits, caches, models and best layers from earlier stages
+out_dir = "out"                             # splits, caches, models and layer searches from earlier stages
 results_dir = "Results"                     # where tables and figures are written
 result_type = "all"                         # single-subj | cross-subj | classification-task | all
 subjects = []                               # [] = every subject in data_dir
 hemispheres = ["lh", "rh"]                  # hemispheres to evaluate
 rois = []                                   # single-subj ROIs; [] = all 31 (empty ones reported)
-feature_sets = ["untuned", "reg", "cl", "pooled-reg", "pooled-cl"]  # sets compared (missing models: empty cells)
+feature_sets = ["untuned", "reg", "cl", "pooled-reg", "pooled-cl"]  # sets compared (missing models: empty
+                                            # cells); also external:<name> (features_dir)
 comparisons = ["cl:untuned", "cl:reg", "pooled-cl:untuned", "pooled-cl:cl", "pooled-reg:reg"]  # set:baseline
+seeds = []                                  # tuned models' seeds averaged; [] = every seed trained
+backbone = "alexnet"                        # the network whose untuned and tuned features are compared
+weights = "IMAGENET1K_V1"                   # untuned network weights (as in get_best_alex_layer.py)
+checkpoint = "best"                         # best (val-selected) | last (final epoch; trained with keep_last)
 pooled_h_method = "constant"                # which pooled CL models: constant (h = 5741) | average
+features_dir = ""                           # external sets: features_dir/subjXX/<name>/{train,challenge}_<layer>.npy
 cross_subj_rois = ["V1v", "FFA-1", "PPA", "EBA", "VWFA-1"]  # ROIs for the cross-subject matrices
 methods = ["cl", "reg"]                     # per-subject tuned sets in the cross-subject matrices and probes
-checkpoint = "best"                         # best (val-selected) or last (final epoch) checkpoint of each model
-weights = "IMAGENET1K_V1"                   # untuned AlexNet weights (as in get_best_alex_layer.py)
-image_size = 224                            # pixels fed to AlexNet (as in training)
-tuned_layer = "best"                        # best: each tuned backbone searched over `layers` like the untuned
-                                            # one | untuned: the ROI's best untuned layer (2023 original) | a layer
-layers = []                                 # searched for tuned backbones (best); [] = models.ALEXNET_LAYERS
-alpha_holdout = 0.1                         # fraction of train that chooses alphas in the layer search
-layer_statistic = "median"                  # median | mean (2023 original) val r that picks a tuned set's layer
-keep_search_features = False                # keep every searched layer's cached features (else only the chosen)
+image_size = 224                            # pixels fed to the network (as in training)
+tuned_layer = "best"                        # best: each set's own layer search | untuned: the ROI's best untuned
+                                            # layer (2023 original) | a layer name for every tuned set
+layers = []                                 # the searched layers (as get_best_alex_layer.py); [] = AlexNet's 8
+layer_statistic = "median"                  # as get_best_alex_layer.py (part of each search's key)
 pca_components = 1000                       # PCA size for wide layers (fitted on train only)
-alpha_mode = "per-voxel"                    # per-voxel | per-roi (one alpha per ROI, 2023 original) (chosen on
+alpha_mode = "per-voxel"                    # per-voxel | per-roi (one alpha per ROI and set) | per-roi-untuned
+                                            # (the untuned one reused for every set, 2023 original) (all chosen on
                                             # val) | paper (fixed 1e3 untuned / 1e4 tuned)
 alphas = []                                 # ridge alpha grid; [] = encoding.ALPHAS
+feature_scaling = "auto"                    # auto (unit variance for an alpha grid, none for paper) | unit | none
+search_missing = False                      # search a missing layer search here (else one line naming the command)
 noise_ceiling_dir = ""                      # subjXX/{lh,rh}_noise_ceiling.npy (fractions or %); "" = the data's own
 n_bootstrap = 1000                          # bootstrap resamples of test images for CIs
 n_permutations = 1000                       # permutations (swaps over test images) for p-values
 retrieval_candidates = 300                  # CL retrieval among this many test images (MindEye: 300)
 min_subjects = 3                            # across-subject tests need this many subjects with both sets
 split_seed = 0                              # seed of the train/val/test split (read back from out_dir)
-seed = 0                                    # PCA, bootstrap, permutation and probe-split seed
+seed = 0                                    # PCA, val halves, bootstrap, permutation and probe-split seed
 batch_size = 128                            # images per forward pass
-device = "auto"                             # auto (cuda if present), cpu, cuda, ...
+device = "auto"                             # auto (cuda if present) | cpu | cuda | ...
 classification_dataset = "imagefolder"      # imagefolder | caltech256 | places365 | sun397 | imagenet
-classification_root = ""                    # dataset folder; "" = <data_dir>/imagefolder (the demo's)
-classification_max_per_class = 0           # images per class used for the probe (0 = all, as the original)
+classification_root = ""                    # the dataset's folder (needed by classification-task)
+classification_max_per_class = 0            # images per class used for the probe (0 = all, as the original)
 classification_subjects = []                # backbones' subjects for the probe; [] = all
 classification_rois = ["FFA-1", "PPA", "EBA", "VWFA-1", "V1v"]  # backbones' ROIs for the probe
 probe_layer = "classifier.5"                # layer the linear probe reads (original: classifier.5, fc7)
 probe_test_fraction = 0.15                  # held-out fraction of the probe's seeded split (original: 85/15)
 # ---------------------------------------------------------------------
-from pathlib import Path
-
-import numpy as np
-
-import encoding
-import features
-import models
 import options
-import outputs
-import plots
-import probes
-import results_utils
-import study as encoding_study
-import runtime
-import utils
 
 config = options.apply_options(globals())
+
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+import feature_sets as sets  # noqa: E402
+import features  # noqa: E402
+import outputs  # noqa: E402
+import plots  # noqa: E402
+import probes  # noqa: E402
+import results_utils  # noqa: E402
+import study as encoding_study  # noqa: E402
+import utils  # noqa: E402
+
 result_types = ["single-subj", "cross-subj", "classification-task"] if result_type == "all" else [result_type]
 if not set(result_types) <= {"single-subj", "cross-subj", "classification-task"}:
-    raise options.OptionsError(f"--result_type={result_type}: expected single-subj, cross-subj, classification-task "
-                             "or all")
-unknown_sets = set(feature_sets) - set(encoding_study.FEATURE_SETS)
-if unknown_sets or "untuned" not in feature_sets:
-    raise options.OptionsError(f"--feature_sets={feature_sets}: expected 'untuned' and sets among "
-                             + ", ".join(encoding_study.FEATURE_SETS))
-pairs = results_utils.parse_comparisons(comparisons, feature_sets)
+    raise options.OptionsError(f"--result_type={result_type}: expected single-subj, cross-subj, "
+                               "classification-task or all")
+set_names = sets.check(feature_sets)
+if "untuned" not in set_names:
+    raise options.OptionsError(f"--feature_sets={feature_sets}: the untuned set is every comparison's baseline")
+if any(sets.is_external(s) for s in set_names) and not features_dir:
+    raise options.OptionsError("--feature_sets names external sets: give --features_dir")
+if "classification-task" in result_types and not classification_root:
+    raise options.OptionsError("--result_type includes classification-task: give --classification_root (the "
+                               f"{classification_dataset} folder)")
+pairs = results_utils.parse_comparisons(comparisons, set_names)
 subject_list = utils.resolve_subjects(data_dir, subjects)
-torch_device = runtime.resolve_device(device)
-study = encoding_study.EncodingStudy(data_dir, out_dir, hemispheres, weights, image_size, split_seed, pca_components,
-                                     seed, batch_size, alpha_mode, alphas or encoding.ALPHAS, tuned_layer,
-                                     checkpoint, torch_device, layers or models.ALEXNET_LAYERS, alpha_holdout,
-                                     keep_search_features, noise_ceiling_dir or None, layer_statistic, pooled_h_method)
+settings = encoding_study.StudySettings.from_options(config)
+study = encoding_study.EncodingStudy(settings)
+roi_list = utils.check_roi_names(rois) if rois else list(utils.ROI_NAMES)
 if {"single-subj", "cross-subj"} & set(result_types):
-    for subject in subject_list:  # validate every subject (and the best-layer files) before writing anything
+    # validate every subject and read every layer search the tables need before writing anything
+    for subject in subject_list:
         study.subject(subject)
-        for hemi in hemispheres:
-            encoding_study.load_best_layers(out_dir, subject, hemi)
+    needed_rois = sorted(set(roi_list) | set(utils.check_roi_names(cross_subj_rois)), key=utils.ROI_NAMES.index)
+    encoding_study.check_searches(study, set_names, subject_list, settings.hemispheres, needed_rois)
 results = Path(results_dir)
 roi_list = utils.check_roi_names(rois) if rois else list(utils.ROI_NAMES)
 
@@ -97,25 +105,25 @@ roi_list = utils.check_roi_names(rois) if rois else list(utils.ROI_NAMES)
 if "single-subj" in result_types:
     all_rows = []
     for subject in subject_list:
-        for hemi in hemispheres:
+        for hemi in settings.hemispheres:
             rows, voxel_r, missing = results_utils.single_subject_rows(
-                study, subject, hemi, roi_list, feature_sets, pairs, n_bootstrap, n_permutations, seed,
+                study, subject, hemi, roi_list, set_names, pairs, n_bootstrap, n_permutations, seed,
                 retrieval_candidates)
             for feature_set, absent in missing.items():
                 print(f"note: subj{subject:02d} {hemi}: no {feature_set} model for {len(absent)} ROI(s) "
                       f"({', '.join(absent)}); their cells are left empty")
             base = results / utils.subject_dir_name(subject) / f"single_subj_{hemi}"
             outputs.save_csv(base.with_suffix(".csv"), rows, config, **study.provenance())
-            outputs.save_npz(base.with_name(base.name + "_voxel_r.npz"), voxel_r, config, rows=feature_sets,
+            outputs.save_npz(base.with_name(base.name + "_voxel_r.npz"), voxel_r, config, rows=set_names,
                              metric="test Pearson r per voxel", **study.provenance())
             title = f"{utils.subject_dir_name(subject)} {hemi}"
             outputs.save_text(base.with_suffix(".md"), f"## {title}: test-split encoding accuracy per ROI\n\n"
-                              + results_utils.markdown_report(rows, feature_sets, pairs), config)
+                              + results_utils.markdown_report(rows, set_names, pairs), config)
             nonempty = [r for r in rows if r["n_voxels"]]
             outputs.save_figure(base.with_name(base.name + "_bars.png"), plots.plot_roi_bars(
-                nonempty, feature_sets, f"{title}: encoding accuracy per ROI (bars: median, dots: mean)"), config)
+                nonempty, set_names, f"{title}: encoding accuracy per ROI (bars: median, dots: mean)"), config)
             for a, b in pairs:
-                k_a, k_b = feature_sets.index(a), feature_sets.index(b)
+                k_a, k_b = set_names.index(a), set_names.index(b)
                 differences = {roi: v[k_a] - v[k_b] for roi, v in voxel_r.items() if np.isfinite(v[k_a]).any()
                                and np.isfinite(v[k_b]).any()}
                 if differences:
@@ -123,16 +131,11 @@ if "single-subj" in result_types:
                                         plots.plot_voxel_differences(
                                             differences, f"{title}: {a} minus {b}, per voxel",
                                             f"r({a}) - r({b})"), config)
-            for feature_set in (s for s in feature_sets if s != "untuned"):
-                scores = study.layer_scores(feature_set, subject, hemi, roi_list)
-                if np.isfinite(scores).any():
-                    outputs.save_npy(base.with_name(f"{base.name}_layer_scores_{feature_set}.npy"), scores, config,
-                                     rows=study.layers, columns=roi_list, metric="median val Pearson r")
             all_rows += rows
     if any(k.startswith("top1_of_") for r in all_rows for k in r):
-        outputs.save_figure(results / "retrieval.png", plots.plot_retrieval(all_rows, feature_sets), config)
-    summary = results_utils.group_table(all_rows, feature_sets, pairs)
-    across = results_utils.across_subject_table(all_rows, feature_sets, pairs, min_subjects)
+        outputs.save_figure(results / "retrieval.png", plots.plot_retrieval(all_rows, set_names), config)
+    summary = results_utils.group_table(all_rows, set_names, pairs)
+    across = results_utils.across_subject_table(all_rows, set_names, pairs, min_subjects)
     outputs.save_csv(results / "single_subj_summary.csv", summary, config, **study.provenance())
     outputs.save_csv(results / "across_subjects.csv", across, config, unit="subject",
                      tests="paired t (scipy ttest_rel) and Wilcoxon signed-rank over subjects' ROI median r")
@@ -153,7 +156,7 @@ if "single-subj" in result_types:
 if "cross-subj" in result_types:
     cross_rois = utils.check_roi_names(cross_subj_rois)
     loso_rows = []
-    for hemi in hemispheres:
+    for hemi in settings.hemispheres:
         for roi in cross_rois:
             for method in methods:
                 median_r, mean_r, improved = results_utils.cross_subject_matrices(study, subject_list, hemi, roi,
@@ -171,7 +174,7 @@ if "cross-subj" in result_types:
                     "% of target voxels improved"), config)
                 print(f"cross-subj {method} {hemi} {roi}: mean off-diagonal median r "
                       f"{results_utils.off_diagonal_mean(median_r):.3f}, diagonal {np.nanmean(np.diag(median_r)):.3f}")
-            loso_rows += results_utils.leave_one_subject_out_rows(study, subject_list, hemi, roi, feature_sets)
+            loso_rows += results_utils.leave_one_subject_out_rows(study, subject_list, hemi, roi, set_names)
     if loso_rows:
         outputs.save_csv(results / "cross_subj" / "pooled_leave_one_subject_out.csv", loso_rows, config,
                          **study.provenance())
@@ -183,29 +186,26 @@ if "cross-subj" in result_types:
 
 # ---- classification: linear probes of every backbone on one dataset ----
 if "classification-task" in result_types:
-    root = Path(classification_root) if classification_root else Path(data_dir) / "imagefolder"
-    images, labels, classes = probes.probe_image_cache(classification_dataset, root, out_dir,
+    images, labels, classes = probes.probe_image_cache(classification_dataset, classification_root, out_dir,
                                                        classification_max_per_class, seed)
-    backbones = [("untuned", 0, "", "", f"untuned:{weights}")]
-    for hemi in hemispheres:
+    backbones = [("untuned", 0, "", "", None, settings.untuned_spec())]
+    for hemi in settings.hemispheres:
         for roi in utils.check_roi_names(classification_rois):
             for subject in utils.resolve_subjects(data_dir, classification_subjects):
                 for method in methods:
-                    ckpt = models.checkpoint_path(out_dir, method, subject, hemi, roi, checkpoint)
-                    if ckpt.is_file():
-                        backbones.append((method, subject, hemi, roi, str(ckpt)))
-                    else:
+                    runs = study.run_dirs(method, subject, hemi, roi)
+                    backbones += [(method, subject, hemi, roi, s, str(study.checkpoint(d))) for s, d in runs]
+                    if not runs:
                         print(f"note: no {method} model for subj{subject:02d} {hemi} {roi}: skipped in the probe")
-            for feature_set in (s for s in feature_sets if s in encoding_study.POOLED_SETS):
-                ckpt = study.checkpoint_of(feature_set, None, hemi, roi)
-                if ckpt is not None:
-                    backbones.append((feature_set, 0, hemi, roi, str(ckpt)))
+            for pooled in (s for s in set_names if sets.is_pooled(s)):
+                backbones += [(pooled, 0, hemi, roi, s, str(study.checkpoint(d)))
+                              for s, d in study.run_dirs(pooled, 0, hemi, roi)]
     rows = []
-    for method, subject, hemi, roi, spec in backbones:  # one forward pass per backbone
-        backbone = features.load_backbone(spec, torch_device)
+    for method, subject, hemi, roi, model_seed, spec in backbones:  # one forward pass per backbone
+        backbone = features.load_backbone(spec, study.device)
         feats = features.extract_features(backbone, images, None, [probe_layer], batch_size=batch_size,
-                                          device=torch_device, desc=f"probe features {method} {hemi} {roi}")
-        rows.append({"method": method, "subject": subject, "hemisphere": hemi, "roi": roi,
+                                          device=study.device, desc=f"probe features {method} {hemi} {roi}")
+        rows.append({"method": method, "subject": subject, "hemisphere": hemi, "roi": roi, "seed": model_seed,
                      "accuracy": probes.linear_probe_accuracy(feats[probe_layer], labels, probe_test_fraction, seed),
                      "chance": float(np.max(np.bincount(labels)) / len(labels)), "n_images": len(labels),
                      "n_classes": len(classes), "layer": probe_layer, "checkpoint": spec})

@@ -9,16 +9,21 @@ out_dir = "out"                             # everything derived goes here
 subjects = []                               # subjects to map; [] = every subject in data_dir
 check_values = True                         # scan the fMRI for NaN/inf before writing
 # ---------------------------------------------------------------------
-from pathlib import Path
-
 import options
-import outputs
-import utils
+
+config = options.apply_options(globals())
+
+from pathlib import Path  # noqa: E402
+
+import outputs  # noqa: E402
+import paths  # noqa: E402
+import utils  # noqa: E402
+
 
 def format_roi_size_table(sizes: dict) -> str:
     """Text table of ROI voxel counts: rows ROIs, columns (subject, hemi); empty ROIs marked."""
     columns = sorted(sizes)
-    header = f"{'ROI':<12}" + "".join(f"{utils.subject_dir_name(s) + ' ' + h:>12}" for s, h in columns)
+    header = f"{'ROI':<12}" + "".join(f"{paths.subject_dir_name(s) + ' ' + h:>12}" for s, h in columns)
     lines = [header, "-" * len(header)]
     row_names = list(utils.ROI_NAMES) + sorted({k for c in columns for k in sizes[c]} - set(utils.ROI_NAMES))
     for name in row_names:
@@ -28,14 +33,13 @@ def format_roi_size_table(sizes: dict) -> str:
     return "\n".join(lines)
 
 
-config = options.apply_options(globals())
 subject_list = utils.resolve_subjects(data_dir, subjects)
 # validate every subject before writing anything
 subject_data = {s: utils.load_subject(data_dir, s, check_values=check_values) for s in subject_list}
 
 sizes = {}
 for subject, d in subject_data.items():
-    subject_out = Path(out_dir) / "voxel_roi_mappings" / utils.subject_dir_name(subject)
+    subject_out = paths.mappings_dir(out_dir, subject)
     for hemi in utils.HEMISPHERES:
         indices = d.roi_voxel_indices[hemi]
         voxel_rois = utils.voxel_roi_lists(indices, d.n_vertices[hemi])

@@ -1,75 +1,102 @@
-"""Find the best untuned AlexNet layer for every ROI: PCA + ridge encoding, median Pearson r on the val split.
+"""The layer search stage: the best layer per ROI of every feature set (untuned, tuned, pooled, external).
 
-For each subject and hemisphere writes out_dir/best_layer/subjXX/{hemi}_best_layer.json (ROI -> layer),
-{hemi}_layer_roi_scores.npy (layers x ROIs median r, NaN for empty ROIs) and a heatmap PNG.
-Ridge alphas are chosen on a hold-out of the train split, so val only scores; the test split is never scored
-here. One forward pass extracts every layer for all the subject's images (and the challenge test images when
-the data has them), so later stages (generate_results.py, predict_test_images.py) reuse the cached features.
-Tuned backbones get the same search in generate_results.py (tuned_layer="best").
+Every set gets the same search over `layers` (search.py): one forward pass per backbone for all layers, PCA fitted
+on train for wide layers, unit-scaled features, ridge with one alpha per voxel, alphas and layers chosen on the val
+split by cross-fitting its two halves; the test split is never scored here. Jobs: per subject one for the untuned
+network (every ROI of both hemispheres) and one per external set; per subject, hemisphere, ROI and trained seed one
+for each tuned backbone (pooled: the model of all subjects and the one trained without the encoded subject). Writes
+out_dir/searches/... (one JSON per search, with its key of options; a heatmap per untuned search) and a summary.
+Finished searches with a matching key are skipped (resume); --shard=i/n splits the jobs over processes.
+generate_results.py and predict_test_images.py read these searches.
 """
 # ---- OPTIONS (override with --name=value or --config=FILE.json) ----
 data_dir = "algonauts_2023_challenge_data"  # Algonauts 2023 download (read only)
 out_dir = "out"                             # everything derived goes here
 subjects = []                               # [] = every subject in data_dir
-hemispheres = ["lh", "rh"]                  # hemispheres to score
-layers = []                                 # AlexNet layers to compare; [] = all 8 (models.ALEXNET_LAYERS)
-weights = "IMAGENET1K_V1"                   # untuned AlexNet: IMAGENET1K_V1, none (random) or a .pth path
-image_size = 224                            # pixels fed to AlexNet
+hemispheres = ["lh", "rh"]                  # hemispheres to search
+rois = []                                   # ROIs whose tuned models are searched; [] = all 31 (untuned: always all)
+feature_sets = []                           # untuned | cl | reg | pooled-cl | pooled-reg | external:<name>;
+                                            # [] = untuned and every tuned set with models in out_dir
+seeds = []                                  # tuned models' seeds to search; [] = every seed trained
+shard = "0/1"                               # i/n: this process runs jobs i, i+n, i+2n, ... of the search
+resume = True                               # skip searches already saved with the same options
+backbone = "alexnet"                        # the network (untuned, and the tuned models' backbone)
+weights = "IMAGENET1K_V1"                   # untuned network: IMAGENET1K_V1 | none (random) | a .pth path
+checkpoint = "best"                         # tuned models: best (lowest val loss) | last (final epoch; keep_last)
+pooled_h_method = "constant"                # which pooled CL models: constant (h = 5741) | average
+features_dir = ""                           # external sets: features_dir/subjXX/<name>/{train,challenge}_<layer>.npy
+layers = []                                 # layers compared; [] = AlexNet's 8 (models.ALEXNET_LAYERS)
+image_size = 224                            # pixels fed to the network
 pca_components = 1000                       # PCA size for wider layers (fitted on train only)
 alphas = []                                 # ridge alpha grid (one chosen per voxel); [] = encoding.ALPHAS
-layer_statistic = "median"                  # median | mean (2023 original) val r over an ROI's voxels
-alpha_holdout = 0.1                         # fraction of train used to choose each voxel's alpha
+feature_scaling = "auto"                    # auto (unit variance for an alpha grid) | unit | none
+layer_statistic = "median"                  # median | mean (2023 original) cross-fitted val r over an ROI's voxels
+keep_search_features = False                # tuned: keep every searched layer's cached features (else the chosen)
 split_seed = 0                              # seed of the train/val/test split (used once, then read back)
-seed = 0                                    # PCA seed
+seed = 0                                    # PCA seed and the val halves
 batch_size = 128                            # images per forward pass
-device = "auto"                             # auto (cuda if present), cpu, cuda, cuda:1, ...
+device = "auto"                             # auto (cuda if present) | cpu | cuda | cuda:1
 # ---------------------------------------------------------------------
-from pathlib import Path
-
-import numpy as np
-
-import encoding
-import features
-import models
 import options
-import outputs
-import plots
-import runtime
-import study
-import utils
 
 config = options.apply_options(globals())
-layers = list(layers or models.ALEXNET_LAYERS)
-torch_device = runtime.resolve_device(device)
+
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+import feature_sets as sets  # noqa: E402
+import outputs  # noqa: E402
+import paths  # noqa: E402
+import plots  # noqa: E402
+import search  # noqa: E402
+import study as encoding_study  # noqa: E402
+import training  # noqa: E402
+import utils  # noqa: E402
+
+settings = encoding_study.StudySettings.from_options(config)
+study = encoding_study.EncodingStudy(settings)
 subject_list = utils.resolve_subjects(data_dir, subjects)
-# validate every subject before writing anything
-subject_data = {s: utils.load_subject(data_dir, s, hemispheres=hemispheres) for s in subject_list}
+roi_list = utils.check_roi_names(rois) if rois else list(utils.ROI_NAMES)
+set_names = sets.check(feature_sets) if feature_sets else [sets.UNTUNED] + encoding_study.trained_sets(settings)
+if any(sets.is_external(s) for s in set_names) and not features_dir:
+    raise options.OptionsError("--feature_sets names external sets: give --features_dir")
+shard_index = training.parse_shard(shard)
 
-summary = []
-for subject, d in subject_data.items():
-    d.split = split = utils.get_split(out_dir, subject, d.image_paths, seed=split_seed)
-    d.images = utils.load_image_cache(out_dir, subject, d.image_paths, size=image_size)
-    challenge = utils.load_challenge_images(d.paths, out_dir, image_size)
-    layer_features = features.layer_features(out_dir, subject, f"untuned:{weights}", layers,
-                                             features.subject_image_sets(d, challenge_images=challenge),
-                                             image_size, pca_components, seed, torch_device, batch_size)
-    subject_out = Path(out_dir) / "best_layer" / utils.subject_dir_name(subject)
-    for hemi in hemispheres:
-        roi_indices = d.roi_voxel_indices[hemi]
-        scores = study.layer_roi_scores(layer_features, d.fmri[hemi], split, roi_indices, alphas or encoding.ALPHAS,
-                                        alpha_holdout, seed, torch_device, statistic=layer_statistic)
-        best = study.best_layer_per_roi(scores, layers, roi_indices)
-        outputs.save_json(subject_out / f"{hemi}_best_layer.json", best, config, subject=subject, hemisphere=hemi)
-        outputs.save_npy(subject_out / f"{hemi}_layer_roi_scores.npy", scores, config, subject=subject,
-                         hemisphere=hemi, rows=layers, columns=list(roi_indices),
-                         metric=f"{layer_statistic} val Pearson r")
-        fig = plots.plot_layer_roi_heatmap(scores, layers, list(roi_indices),
-                                           f"{utils.subject_dir_name(subject)} {hemi}: untuned AlexNet")
-        outputs.save_figure(subject_out / f"{hemi}_layer_roi_scores.png", fig, config)
-        summary += [{"subject": subject, "hemisphere": hemi, "roi": roi, "best_layer": layer,
-                     f"{layer_statistic}_val_r": float(np.nanmax(scores[:, list(roi_indices).index(roi)]))}
-                    for roi, layer in best.items()]
+# data: validate every subject (split and image cache made once) before any search is written
+for subject in subject_list:
+    study.subject(subject)
+jobs = encoding_study.search_jobs(study, set_names, subject_list, settings.hemispheres, roi_list)[
+    shard_index[0]::shard_index[1]]
 
-outputs.save_csv(Path(out_dir) / "best_layer" / "best_layers.csv", summary, config)
-print(outputs.format_table(summary, ["subject", "hemisphere", "roi", "best_layer", f"{layer_statistic}_val_r"]))
-print(f"best layers written to {Path(out_dir) / 'best_layer'}")
+# the loop over search jobs: a saved search with the same options is kept
+rows = []
+for job in tqdm(jobs, desc="layer searches", unit="search"):
+    name, subject, run_dir = job["feature_set"], job["subject"], job["run_dir"]
+    files = [study.search_file(name, subject, hemi, run_dir) for hemi in job["hemispheres"]]
+    key = study.search_key(name, subject, run_dir)
+    if resume and all(search.saved_key(f) == key for f in files):
+        status, seconds = "done", None
+    else:
+        status = "searched" if all(not f.is_file() for f in files) else "searched again (options changed)"
+        seconds = study.run_search(name, subject, job["hemispheres"], run_dir, config, job["roi"])
+    for hemi, path in zip(job["hemispheres"], files):
+        saved = search.read_search(path, key, "")
+        chosen = {roi: e["layer"] for roi, e in saved["rois"].items() if e["layer"]}
+        rows.append({"feature_set": name, "subject": subject, "hemisphere": hemi, "roi": job["roi"] or "(all)",
+                     "seed": job["seed"], "status": status, "seconds": seconds,
+                     "layers_chosen": " ".join(sorted(set(chosen.values()))), "file": str(path)})
+        if run_dir is None and status != "done":  # the layers x ROIs heatmap of an untuned / external search
+            scores = [[saved["rois"][r]["scores"][layer] for r in saved["rois"]] for layer in saved["layers"]]
+            outputs.save_figure(path.with_suffix(".png"), plots.plot_layer_roi_heatmap(
+                np.array(scores, dtype=float), saved["layers"], list(saved["rois"]),
+                f"{paths.subject_dir_name(subject)} {hemi}: {sets.label(name)}"), config)
+
+# summary
+i, n = shard_index
+summary_path = Path(out_dir) / "searches" / ("summary.csv" if n == 1 else f"summary_shard-{i}-of-{n}.csv")
+outputs.save_csv(summary_path, rows, config)
+print(outputs.format_table(rows, ["feature_set", "subject", "hemisphere", "roi", "seed", "status", "seconds",
+                                  "layers_chosen"], float_format="{:.1f}"))
+print(f"{len(jobs)} search jobs; summary in {summary_path}")

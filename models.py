@@ -12,7 +12,6 @@ from torch import nn
 
 import options
 import outputs
-import utils
 
 ALEXNET_LAYERS = ("features.2", "features.5", "features.7", "features.9", "features.12",
                   "classifier.2", "classifier.5", "classifier.6")
@@ -333,57 +332,13 @@ def batch_loss(method: str, model: nn.Module, images: torch.Tensor, fmri: torch.
 # ---------------------------------------------------------------------------------------------
 
 
-POOLED_METHODS = {"pooled-cl-hconst": ("cl", "constant"), "pooled-cl-havg": ("cl", "average"),
-                  "pooled-reg": ("reg", None)}  # folder name -> (method, h_method)
-
-
-def pooled_method_name(method: str, h_method: str | None = None) -> str:
-    """'pooled-cl-hconst' / 'pooled-cl-havg' (CL, by h_method) or 'pooled-reg': the pooled model's folder."""
-    for name, (m, h) in POOLED_METHODS.items():
-        if m == check_method(method) and (method == "reg" or h == h_method):
-            return name
-    raise options.DataError(f"pooled CL models need h_method 'constant' or 'average', got {h_method!r}")
-
-
-def pooled_checkpoint_path(out_dir, method: str, hemi: str, roi: str, exclude_subject: int | None = None,
-                           which: str = "best", h_method: str | None = None) -> Path:
-    """out_dir/models/pooled-{cl-hconst,cl-havg,reg}/{hemi}/{roi}/[loso-subjXX/]{which}.pt.
-
-    exclude_subject: the leave-one-subject-out model trained without that subject.
-    """
-    folder = Path(out_dir) / "models" / pooled_method_name(method, h_method) / utils.check_hemisphere(hemi) / roi
-    if exclude_subject is not None:
-        folder = folder / f"loso-{utils.subject_dir_name(exclude_subject)}"
-    return folder / f"{_check_which(which)}.pt"
-
-
-def checkpoint_path(out_dir, method: str, subject: int, hemi: str, roi: str, which: str = "best") -> Path:
-    """The checkpoint whose backbone gives `subject`'s tuned features for a method.
-
-    'cl' / 'reg': out_dir/models/{method}/subjXX/{hemi}/{roi}/{which}.pt ('best' = lowest val loss, 'last' =
-    final epoch and resume point); a pooled method ('pooled-cl-hconst', 'pooled-cl-havg', 'pooled-reg'): the
-    model pooled over all subjects; with '-loso' appended: the pooled model trained without `subject`.
-    """
-    loso = method.endswith("-loso")
-    pooled = method[:-len("-loso")] if loso else method
-    if pooled in POOLED_METHODS:
-        base, h_method = POOLED_METHODS[pooled]
-        return pooled_checkpoint_path(out_dir, base, hemi, roi, subject if loso else None, which, h_method)
-    return (Path(out_dir) / "models" / check_method(method) / utils.subject_dir_name(subject) / hemi / roi
-            / f"{_check_which(which)}.pt")
-
-
-def _check_which(which: str) -> str:
-    if which not in ("best", "last"):
-        raise ValueError(f"which={which!r}: expected 'best' or 'last'")
-    return which
-
-
-def save_checkpoint(path, model: nn.Module, optimizer=None, scheduler=None, epoch: int = 0, options: dict | None = None,
-                    roi_voxel_indices=None, metrics: list | None = None, subjects=None, **extra) -> Path:
+def save_checkpoint(path, model: nn.Module, optimizer=None, scheduler=None, epoch: int = 0,
+                    script_options: dict | None = None, roi_voxel_indices=None, metrics: list | None = None,
+                    subjects=None, weights_dtype: str = "float32", **extra) -> Path:
     """Atomically torch.save {model, model_spec, subjects, roi_voxel_indices, optimizer, scheduler, epoch, ...}.
 
     roi_voxel_indices: one index array per subject of the model (or one array for a per-subject model).
+    weights_dtype: 'bfloat16' stores the floating-point weights in bfloat16 (half the disk; loading casts back).
     """
     model = getattr(model, "module", model)  # unwrap DDP
     indices = roi_voxel_indices if roi_voxel_indices is not None else [[] for _ in model.n_voxels]
@@ -394,9 +349,11 @@ def save_checkpoint(path, model: nn.Module, optimizer=None, scheduler=None, epoc
         "model_class": type(model).__name__,
         "model_spec": outputs.plain(model.spec),
         "subjects": [int(s) for s in subjects] if subjects is not None else [],
-        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "model": {k: v.detach().cpu().to(_STORED_DTYPES[weights_dtype]) if v.is_floating_point() else v.detach().cpu()
+                  for k, v in model.state_dict().items()},
+        "weights_dtype": weights_dtype,
         "epoch": int(epoch),
-        "options": outputs.plain(options or {}, strict=False),
+        "options": outputs.plain(script_options or {}, strict=False),
         "roi_voxel_indices": [torch.as_tensor(np.asarray(i, dtype=np.int64)) for i in indices],
         "metrics": outputs.plain(metrics or [], strict=False),
         "rng": {"torch": torch.get_rng_state()},
@@ -409,16 +366,27 @@ def save_checkpoint(path, model: nn.Module, optimizer=None, scheduler=None, epoc
     return outputs.atomic_write(path, lambda fh: torch.save(ckpt, fh), suffix=".tmp.pt")
 
 
+_STORED_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
 def load_checkpoint(path, map_location="cpu") -> dict:
     """torch.load(weights_only=True) of a checkpoint written by save_checkpoint, or a DataError naming the file."""
+    import pickle
     path = Path(path)
     if not path.is_file():
         raise options.DataError(f"{path}: checkpoint not found")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # truncated file, foreign pickle, ...
-        raise options.DataError(f"{path}: unreadable checkpoint ({type(err).__name__}: "
-                              f"{str(err).splitlines()[0] if str(err) else ''})") from None
+    except Exception as err:  # truncated or foreign file
+        if isinstance(err, pickle.UnpicklingError) and "global" in str(err).lower():
+            # PyTorch's message advises weights_only=False: never for a file this repo reads
+            raise options.DataError(f"{path}: not a checkpoint of this repo (it holds Python objects beyond tensors "
+                                    "and plain types, which are not unpickled here); retrain the model") from None
+        # the first line of the cause, never PyTorch's advice to load with weights_only=False
+        first = "not a PyTorch file" if isinstance(err, pickle.UnpicklingError) else \
+            (str(err).splitlines() or [""])[0]
+        raise options.DataError(f"{path}: unreadable checkpoint, truncated or not written by this repo "
+                                f"({type(err).__name__}: {first[:200]})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         found = ckpt.get("format") if isinstance(ckpt, dict) else None
         raise options.DataError(f"{path}: not a {CHECKPOINT_FORMAT} checkpoint (written by models.save_checkpoint"
@@ -438,7 +406,11 @@ def checkpoint_source_index(ckpt: dict, subject: int) -> int:
 
 def load_roi_model(path, device="cpu") -> nn.Module:
     """The whole tuned CL or reg model of a checkpoint, per-subject or pooled (eval mode)."""
-    ckpt = load_checkpoint(path)
+    return roi_model_from_checkpoint(load_checkpoint(path), device)
+
+
+def roi_model_from_checkpoint(ckpt: dict, device="cpu") -> nn.Module:
+    """The whole tuned model of a loaded checkpoint (float32 weights, eval mode)."""
     model = model_from_spec(ckpt["model_spec"], weights="none")
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval()

@@ -1,10 +1,12 @@
 """Script options: plain globals at the head of each script, overridden by --name=value or --config=FILE.json.
 
 Also the scripts' error contract: a DataError (bad input or options) is printed as one line with exit status 1.
+Imports nothing heavy, so `--help` and option errors answer before torch is loaded.
 """
 from __future__ import annotations
 
 import ast
+import difflib
 import json
 import re
 import sys
@@ -27,7 +29,6 @@ def _one_line_excepthook(exc_type, exc, tb):
     sys.__excepthook__(exc_type, exc, tb)
 
 
-
 _OPTION_TYPES = (bool, int, float, str, list, tuple, type(None))
 
 
@@ -43,6 +44,8 @@ def _parse_value(text: str, default, name: str):
     if isinstance(default, (list, tuple)):
         if low in ("", "none", "[]"):
             return type(default)()
+        if low == "all":  # e.g. --subjects=all: every subject in data_dir
+            return type(default)(["all"])
         if text.strip().startswith("["):
             try:
                 items = ast.literal_eval(text)
@@ -88,38 +91,112 @@ def _coerce(value, default, name: str):
     return value
 
 
-def apply_options(script_globals: dict, argv: list[str] | None = None) -> dict:
+OPTIONS_MARKER = "# ---- OPTIONS"   # at the start of a line: the line that opens a script's OPTIONS block
+_END_MARKER = "# ----"
+
+
+def apply_options(script_globals: dict, argv: list[str] | None = None, defaults_from: str | None = None) -> dict:
     """Override a script's option globals from --config=FILE.json and --name=value; return the options.
 
-    The options are the script's plain-valued globals (bool/int/float/str/list/tuple/None) not
-    starting with '_'. Unknown names are an error that lists the valid ones.
+    Call it right after the OPTIONS block, before any other import. The options are the plain-valued globals
+    (bool/int/float/str/list/tuple/None) not starting with '_'. defaults_from: another script (beside this one)
+    whose options this one takes too, unless it sets them itself or replaces them by a plural (a sweep takes its
+    training script's options; its `rois` replaces `roi`).
+    Unknown names are an error suggesting the closest valid ones; --help prints every option with its comment.
     """
     sys.excepthook = _one_line_excepthook
     argv = sys.argv[1:] if argv is None else argv
-    names = [k for k, v in script_globals.items()
-             if not k.startswith("_") and isinstance(v, _OPTION_TYPES)]
+    own = [k for k, v in script_globals.items() if not k.startswith("_") and isinstance(v, _OPTION_TYPES)]
+    script = Path(script_globals.get("__file__") or sys.argv[0])
+    inherited = {}
+    if defaults_from:
+        inherited = {k: v for k, v in script_defaults(script.with_name(defaults_from)).items()
+                     if k not in own and k + "s" not in own}  # a sweep's hemispheres replaces hemisphere
+        script_globals.update(inherited)
+    names = own + list(inherited)
     defaults = {k: script_globals[k] for k in names}
+    if any(arg in ("-h", "--help") for arg in argv):
+        print(help_text(script, defaults_from))
+        raise SystemExit(0)
     overrides: dict = {}
     for arg in argv:
-        if arg in ("-h", "--help"):
-            print("options (override with --name=value or --config=FILE.json):")
-            for k in names:
-                print(f"  --{k}={defaults[k]!r}")
-            raise SystemExit(0)
         match = re.fullmatch(r"--([A-Za-z_][A-Za-z0-9_]*)=(.*)", arg, flags=re.S)
         if not match:
-            raise OptionsError(f"argument {arg!r} is not of the form --name=value; valid names: "
-                               + ", ".join(names))
+            raise OptionsError(f"argument {arg!r} is not of the form --name=value (--help lists the options)")
         key, text = match.groups()
         if key == "config":
-            for ck, cv in read_config(text, script_name(script_globals), defaults).items():
+            for ck, cv in read_config(text, script.name, defaults).items():
                 overrides[ck] = _coerce(cv, defaults[ck], ck)
             continue
         if key not in defaults:
-            raise OptionsError(f"unknown option --{key}; valid options: " + ", ".join(names))
+            raise OptionsError(f"unknown option --{key}{_did_you_mean(key, names)}; --help lists the options")
         overrides[key] = _parse_value(text, defaults[key], key)
     script_globals.update(overrides)
     return {k: script_globals[k] for k in names}
+
+
+def _did_you_mean(name: str, names) -> str:
+    close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
+    return f" (did you mean {' or '.join('--' + c for c in close)}?)" if close else ""
+
+
+def command_line_value(value) -> str:
+    """An option's value as it is written on the command line: lh,rh; true; none."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "none"
+    if isinstance(value, (list, tuple)):
+        return ",".join(command_line_value(v) for v in value) if value else "[]"
+    return str(value)
+
+
+def option_comments(script) -> dict:
+    """{option: its comment} from a script's OPTIONS block; a comment continued on following '#' lines joins it."""
+    comments, last = {}, None
+    in_block = False
+    for line in Path(script).read_text().splitlines():
+        if line.startswith(OPTIONS_MARKER):
+            in_block = True
+            continue
+        if not in_block:
+            continue
+        if line.startswith(_END_MARKER):
+            break
+        match = re.match(r"([A-Za-z_][A-Za-z0-9_]*)\s*=.*?#\s?(.*)$", line)
+        if match and not line.startswith("#"):
+            last = match.group(1)
+            comments[last] = match.group(2).strip()
+        elif line.strip().startswith("#") and last is not None and line.startswith(" "):
+            comments[last] += " " + line.strip().lstrip("#").strip()
+        else:
+            last = None
+    return comments
+
+
+def help_text(script, defaults_from: str | None = None) -> str:
+    """Every option of a script with its default in command-line syntax and its comment (choices: 'a | b')."""
+    script = Path(script)
+    doc = ast.get_docstring(ast.parse(script.read_text())) or ""
+    lines = [f"{script.name}: {doc.splitlines()[0] if doc else ''}", "",
+             "options (override with --name=value, lists as a,b, booleans as true/false, or --config=FILE.json):"]
+    sources = [(script, script_defaults(script, own_only=True))]
+    if defaults_from:
+        own = sources[0][1]
+        sources.append((script.with_name(defaults_from), {k: v for k, v in script_defaults(
+            script.with_name(defaults_from)).items() if k + "s" not in own}))
+    shown: set = set()
+    for path, defaults in sources:
+        if path != script:
+            lines += ["", f"options taken from {path.name} (set them here the same way):"]
+        comments = option_comments(path)
+        width = max((len(k) + len(command_line_value(v)) for k, v in defaults.items()), default=0) + 4
+        for name, value in defaults.items():
+            if name in shown:
+                continue
+            shown.add(name)
+            lines.append(f"  --{name}={command_line_value(value)}".ljust(width + 4) + f"  {comments.get(name, '')}")
+    return "\n".join(lines)
 
 
 def script_name(script_globals: dict) -> str:
@@ -172,15 +249,28 @@ def read_config(path, script: str, defaults: dict) -> dict:
     return chosen
 
 
-def script_defaults(script) -> dict:
-    """The OPTIONS block of a script (its plain top-level assignments before the first import), not run."""
-    tree = ast.parse(Path(script).read_text())
-    defaults = {}
-    if "# ---- OPTIONS" not in Path(script).read_text():
-        return defaults  # a module, not a script
+def is_script(path) -> bool:
+    """A pipeline script: its OPTIONS block opens with the marker at the start of a line."""
+    return any(line.startswith(OPTIONS_MARKER) for line in Path(path).read_text().splitlines())
+
+
+def script_defaults(script, own_only: bool = False) -> dict:
+    """The options of a script, not run: its OPTIONS block (plain top-level assignments before the first import),
+    plus those of the script its apply_options call names in defaults_from= (unless own_only)."""
+    script = Path(script)
+    if not is_script(script):
+        return {}  # a module, not a script
+    tree = ast.parse(script.read_text())
+    defaults, parent = {}, None
     for node in tree.body:
         if isinstance(node, (ast.Import, ast.ImportFrom)):
             break
         if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
             defaults[node.targets[0].id] = ast.literal_eval(node.value)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "apply_options":
+            parent = next((k.value.value for k in node.keywords if k.arg == "defaults_from"), None)
+    if parent and not own_only:
+        defaults.update({k: v for k, v in script_defaults(script.with_name(parent)).items()
+                         if k not in defaults and k + "s" not in defaults})
     return defaults

@@ -19,18 +19,21 @@ hemispheres = ["lh", "rh"]                  # a submission needs both
 features = "best"                           # best (untuned + every tuned set) | untuned | cl | reg | pooled-cl |
                                             # pooled-reg (untuned layers + that tuned set only)
 tuned_sets = ["cl", "reg", "pooled-cl", "pooled-reg"]  # tuned sets considered by features=best
-layers = []                                 # untuned candidates (+ tuned layers searched); [] = all 8
-weights = "IMAGENET1K_V1"                   # untuned AlexNet weights (as in get_best_alex_layer.py)
-checkpoint = "best"                         # best or last checkpoint of each tuned model
+seeds = []                                  # tuned models' seeds (each a candidate); [] = every seed trained
+backbone = "alexnet"                        # the network (as in the earlier stages)
+layers = []                                 # untuned candidates (+ the searched layers); [] = AlexNet's 8
+weights = "IMAGENET1K_V1"                   # untuned network weights (as in get_best_alex_layer.py)
+checkpoint = "best"                         # best | last checkpoint of each tuned model
 tuned_layer = "best"                        # as generate_results.py: best | untuned | a layer name
 pooled_h_method = "constant"                # which pooled CL models (as generate_results.py)
-layer_statistic = "median"                  # as generate_results.py (for tuned layers searched here)
-image_size = 224                            # pixels fed to AlexNet (as in every stage)
+layer_statistic = "median"                  # as get_best_alex_layer.py (part of each search's key)
+search_missing = False                      # search a missing layer search here (else one line naming the command)
+image_size = 224                            # pixels fed to the network (as in every stage)
 pca_components = 1000                       # PCA size for wide layers (fitted on train only)
 alphas = []                                 # ridge alpha grid; [] = encoding.ALPHAS
+feature_scaling = "auto"                    # as get_best_alex_layer.py
 alpha_selection = "val"                     # val (each vertex's alpha and candidate by val r) | gcv (alpha by
                                             # generalized cross-validation on train; candidate by val r)
-alpha_holdout = 0.1                         # for tuned layers searched here (as generate_results.py)
 noise_ceiling_dir = ""                      # for the challenge-score estimate; "" = the data's own, if any
 make_zip = True                             # also write submission_dir/submission.zip
 split_seed = 0                              # seed of the train/val/test split (read back from out_dir)
@@ -38,50 +41,50 @@ seed = 0                                    # PCA seed
 batch_size = 128                            # images per forward pass
 device = "auto"                             # auto (cuda if present), cpu, cuda, ...
 # ---------------------------------------------------------------------
-import zipfile
-from pathlib import Path
-
-import numpy as np
-from tqdm import tqdm
-
-import encoding
-import models
 import options
-import outputs
-import plots
-import study as encoding_study
-import runtime
-import utils
 
 config = options.apply_options(globals())
-layers = list(layers or models.ALEXNET_LAYERS)
-if features not in ("best", "untuned") + encoding_study.TUNED_METHODS + encoding_study.POOLED_SETS:
-    raise options.OptionsError(f"--features={features}: expected best, untuned, "
-                             + ", ".join(encoding_study.TUNED_METHODS + encoding_study.POOLED_SETS))
+
+import zipfile  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+import encoding  # noqa: E402
+import feature_sets as sets  # noqa: E402
+import outputs  # noqa: E402
+import plots  # noqa: E402
+import search  # noqa: E402
+import study as encoding_study  # noqa: E402
+import utils  # noqa: E402
+
+if features not in ("best", "untuned") + sets.TUNED:
+    raise options.OptionsError(f"--features={features}: expected best, untuned, " + ", ".join(sets.TUNED))
 if alpha_selection not in ("val", "gcv"):
     raise options.OptionsError(f"--alpha_selection={alpha_selection}: expected val or gcv")
-candidate_sets = list(tuned_sets) if features == "best" else [] if features == "untuned" else [features]
-torch_device = runtime.resolve_device(device)
-alpha_grid = list(alphas or encoding.ALPHAS)
+candidate_sets = sets.check(tuned_sets) if features == "best" else [] if features == "untuned" else [features]
+settings = encoding_study.StudySettings.from_options(config, alpha_mode="per-voxel")
+study = encoding_study.EncodingStudy(settings)
+torch_device = study.device
+layers, alpha_grid = list(settings.layers), list(settings.alphas)
 subject_list = utils.resolve_subjects(data_dir, subjects)
-study = encoding_study.EncodingStudy(data_dir, out_dir, hemispheres, weights, image_size, split_seed, pca_components,
-                                     seed, batch_size, "per-voxel", alpha_grid, tuned_layer, checkpoint, torch_device,
-                                     layers, alpha_holdout, noise_ceiling_dir=noise_ceiling_dir or None,
-                                     layer_statistic=layer_statistic, pooled_h_method=pooled_h_method)
-# validate every subject (and that it has test images) before writing anything
+# validate every subject (test images, layer searches) before writing anything
 challenge = {}
 for subject in subject_list:
     d = study.subject(subject)
     challenge[subject] = utils.load_challenge_images(d.paths, out_dir, image_size)
     if challenge[subject] is None:
-        raise options.DataError(f"{d.paths.train_images.parent.parent}: no test_split/test_images found for subject "
-                              f"{subject}; the submission needs the challenge's test images")
+        raise options.DataError(f"{d.paths.train_images.parent.parent}: no test_split/test_images found for "
+                                f"subject {subject}; the submission needs the challenge's test images")
+encoding_study.check_searches(study, candidate_sets, subject_list, settings.hemispheres, utils.ROI_NAMES)
 
 
 def candidate_features(subject: int, spec: str, layer: str) -> dict:
     """{'train', 'val', 'challenge'} features of one layer of one backbone, unit-scaled on train."""
     feats = study.features(subject, spec, [layer], challenge_images=challenge[subject])[layer]
-    return encoding.unit_scale({name: feats[name] for name in ("train", "val", "challenge")})
+    return search.scaled({name: feats[name] for name in ("train", "val", "challenge")}, settings.feature_scaling,
+                         len(alpha_grid))
 
 
 def fit_candidate(x: dict, y_train, y_val, compute_coef: bool):
@@ -99,18 +102,17 @@ for subject in subject_list:
     d = study.subject(subject)
     s2 = utils.subject_dir_name(subject)
     n_test_images = len(challenge[subject])
-    for hemi in hemispheres:
+    for hemi in settings.hemispheres:
         fmri = np.asarray(d.fmri[hemi])
         y_train, y_val = fmri[d.split["train"]], fmri[d.split["val"]]
         n_vertices = fmri.shape[1]
         # 1) every candidate's val r per vertex (NaN where the candidate does not apply)
-        candidates = [("untuned", None, layer, f"untuned:{weights}", np.arange(n_vertices)) for layer in layers]
+        candidates = [("untuned", None, layer, settings.untuned_spec(), np.arange(n_vertices)) for layer in layers]
         for feature_set in candidate_sets:
             for roi, idx in d.roi_voxel_indices[hemi].items():
-                ckpt = study.checkpoint_of(feature_set, subject, hemi, roi) if len(idx) else None
-                if ckpt is not None:
-                    layer = study.layer_of(feature_set, subject, hemi, roi)
-                    candidates.append((feature_set, roi, layer, str(ckpt), idx))
+                for _, run_dir in study.run_dirs(feature_set, subject, hemi, roi) if len(idx) else []:
+                    layer = study.layer_of(feature_set, subject, hemi, roi, run_dir)
+                    candidates.append((feature_set, roi, layer, str(study.checkpoint(run_dir)), idx))
         scores = np.full((len(candidates), n_vertices), -np.inf)
         alpha_of = np.zeros((len(candidates), n_vertices))
         for k, (feature_set, roi, layer, spec, idx) in enumerate(tqdm(candidates, desc=f"{s2} {hemi} candidates",

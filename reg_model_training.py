@@ -1,69 +1,91 @@
-"""Fine-tune AlexNet by regression (reg baseline) for one subject, hemisphere and ROI.
+"""Fine-tune a backbone by regression (reg, the baseline) for one hemisphere and ROI: per subject, or pooled.
 
-AlexNet's 1000 outputs feed a linear read-out to the ROI's voxels, trained with MSE on the train split and
-selected on val (lowest val loss); writes out_dir/models/reg/subjXX/<hemi>/<roi>/{best.pt,last.pt,log.csv,done.json}.
+The backbone's final embedding (AlexNet: its 1000 outputs) feeds a linear read-out to the ROI's voxels, trained
+with MSE. One subject in `subjects` trains that subject's model; several (or all) train one model pooled over them:
+a shared backbone, one read-out per subject, batches of one subject at a time. Trains on the train split, keeps the
+epoch with the lowest val loss (best.pt); one model per seed, in out_dir/models/<backbone>/reg/subjXX/<hemi>/<roi>/
+seed<K>/ (pooled: models/<backbone>/pooled-reg/<hemi>/<roi>/[loso-subjXX/]seed<K>/).
 Runs unchanged under `torchrun --nproc_per_node=N reg_model_training.py ...` (DDP; batch_size is the global batch).
 """
 # ---- OPTIONS (override with --name=value or --config=FILE.json) ----
 data_dir = "algonauts_2023_challenge_data"  # Algonauts 2023 download (read only)
-out_dir = "out"                # everything derived goes here (split, image cache, models)
-subject = 1                    # subject number
-hemisphere = "lh"              # "lh" or "rh"
+out_dir = "out"                # everything derived goes here (splits, image caches, models)
+subjects = [1]                 # one subject: its own model; several, or all: one model pooled over them
+exclude_subject = 0            # pooled: leave this subject out (leave-one-subject-out model; 0 = none)
+hemisphere = "lh"              # lh | rh
 roi = "FFA-1"                  # one of the 31 challenge ROIs
+seeds = [0]                    # one model per seed (model init, batch order, dropout), each in its own folder
 epochs = 75                    # training epochs (paper: 75)
 batch_size = 1024              # global batch size, split over ranks under torchrun (paper: 1024)
 lr = 2.5e-5                    # Adam learning rate (paper: 2.5e-5)
-lr_schedule = "plateau"        # "plateau": ReduceLROnPlateau on val loss (2023 code); "none": constant lr (latest code)
+lr_schedule = "plateau"        # plateau: ReduceLROnPlateau on the val loss (this repo) | none: constant lr (original)
 lr_patience = 3                # plateau: epochs without val-loss improvement before the lr drops
 lr_factor = 0.1                # plateau: lr multiplier
-backbone = "alexnet"           # "alexnet" (the paper's); "tiny" is a small stand-in network for fast tests
-weights = "IMAGENET1K_V1"      # "IMAGENET1K_V1" (torchvision cache), "none" (random init) or a local .pth state dict
+subject_order = "interleaved"  # pooled: interleaved (subjects' batches in seeded random order) | sequential
+backbone = "alexnet"           # alexnet (the paper's) | tiny (a small stand-in network for fast tests)
+weights = "IMAGENET1K_V1"      # IMAGENET1K_V1 (torchvision cache) | none (random init) | a local .pth state dict
 dropout = 0.5                  # AlexNet classifier dropout (torchvision default; 0 makes DDP runs match 1 process)
 image_size = 224               # input size in px (PNGs decoded once into the image cache at this size)
 hflip = False                  # random horizontal flips (off: a flip swaps the visual hemifields)
-device = "auto"                # "auto" (cuda if present), "cpu", "cuda", "cuda:1"
+checkpoint_dtype = "float32"   # float32 | bfloat16: weights of the kept best.pt (bfloat16 halves the disk)
+keep_last = False              # keep last.pt once finished (to extend the run later); else best.pt alone stays
+resume = False                 # continue an interrupted run from last.pt (exact)
+stop_after_epoch = 0           # stop after this epoch without finishing (0 = train all epochs)
+device = "auto"                # auto (cuda if present) | cpu | cuda | cuda:1
 amp = True                     # bfloat16 autocast on GPU
 cpu_bf16 = True                # bfloat16 autocast on CPU where it has bf16 instructions (~1.6x faster there)
 channels_last = True           # channels-last memory format for the conv layers (measured faster on CPU)
 loader_workers = 0             # DataLoader worker processes; 0: one reader thread in this process (measured faster)
 num_threads = 0                # torch CPU threads (0 = torch default)
-seed = 0                       # model init, batch order, dropout
 split_seed = 0                 # train/val/test split seed (shared by every stage)
-resume = False                 # continue an interrupted run from last.pt (exact)
-stop_after_epoch = 0           # stop after this epoch without finishing (0 = train all epochs)
-slim_finished = True           # drop optimizer state from last.pt once done (~0.5 GB less per ROI)
 check_values = True            # scan the fMRI for NaN/inf first
 # ---------------------------------------------------------------------
-import models
 import options
-import outputs
-import training
-import training_data
-import utils
-from runtime import setup_runtime
 
 config = options.apply_options(globals())
 
+from dataclasses import replace  # noqa: E402
+
+import outputs  # noqa: E402
+import paths  # noqa: E402
+import training  # noqa: E402
+import training_data  # noqa: E402
+import utils  # noqa: E402
+from runtime import setup_runtime  # noqa: E402
+
 # runtime: the device, and torch.distributed when launched by torchrun
 runtime = setup_runtime(device, num_threads)
-settings = training.TrainSettings.from_options(config)
+subject_list, pooled = training_data.training_subjects(data_dir, subjects, exclude_subject)
+settings = training.TrainSettings.from_options(config, pooled)
+seed_list = training.check_seeds(seeds)
 
-# data: the subject's split, image cache and this ROI's fMRI (rank 0 builds the caches first)
+# data: each subject's split, image cache and this ROI's fMRI (rank 0 builds the caches first); an excluded
+# subject's files are never opened
 (roi,) = utils.check_roi_names([roi])
-subject_data = utils.load_subject(data_dir, subject, out_dir, image_size, split_seed, [hemisphere], check_values,
-                                  build_first=runtime.main_first)
-source = training_data.roi_source(subject_data, hemisphere, roi)
-run_dir = models.checkpoint_path(out_dir, "reg", subject, hemisphere, roi).parent
+subjects_data = [utils.load_subject(data_dir, s, out_dir, image_size, split_seed, [hemisphere], check_values,
+                                    build_first=runtime.main_first) for s in subject_list]
+sources, too_small = training_data.trainable_sources(subjects_data, hemisphere, roi)
+if not sources:
+    raise options.DataError(f"{hemisphere} {roi}: " + ", ".join(f"subject {s} has {n} voxels" for s, n in
+                                                             too_small.items())
+                            + f"; training needs at least {training_data.MIN_ROI_VOXELS}")
 if runtime.is_main:
-    print(f"reg subject {subject} {hemisphere} {roi}: {len(source.voxel_indices)} voxels, "
-          f"{len(subject_data.split['train'])} train / {len(subject_data.split['val'])} val images, "
-          f"{runtime.world_size} x {runtime.device}")
+    print(f"{'pooled ' if pooled else ''}reg {hemisphere} {roi}: " + ", ".join(
+        f"subject {s.subject} ({len(s.voxel_indices)} voxels, {len(s.split['train'])} train / "
+        f"{len(s.split['val'])} val)" for s in sources) + (f"; left out for < {training_data.MIN_ROI_VOXELS} "
+                                                           f"voxels: {too_small}" if too_small else "")
+          + f"; seeds {seed_list}; {runtime.world_size} x {runtime.device}")
 
-# the loop over epochs: training.train_roi_model (restore or init, one epoch, evaluate, save)
-summary = training.train_roi_model("reg", [source], run_dir, settings, config, runtime)
+# the loop over seeds, each a whole training run: training.train_roi_model (restore or init, epochs, save)
+rows = []
+for seed in seed_list:
+    run_dir = paths.model_dir(out_dir, "reg", hemisphere, roi, subject=None if pooled else subject_list[0], seed=seed,
+                              backbone=backbone, exclude_subject=exclude_subject or None)
+    summary = training.train_roi_model("reg", sources, run_dir, replace(settings, seed=seed), config, runtime,
+                                       desc=f"{'pooled ' if pooled else ''}reg {hemisphere} {roi} seed {seed}")
+    rows.append({"hemisphere": hemisphere, "roi": roi, "seed": seed, **summary, "run_dir": str(run_dir)})
 
 # report
 if runtime.is_main:
-    print(outputs.format_table([{"hemisphere": hemisphere, "roi": roi, **summary}], float_format="{:.4g}"))
-    print(f"checkpoints and log in {run_dir}")
+    print(outputs.format_table(rows, float_format="{:.4g}"))
 runtime.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 import encoding
+import feature_sets as feature_sets_module
 import options
 import outputs
 import significance
@@ -28,6 +29,37 @@ def _finite_mean_median(values) -> tuple[float, float, int]:
     if not finite.size:
         return float("nan"), float("nan"), int(values.size)
     return float(finite.mean()), float(np.median(finite)), int(values.size - finite.size)
+
+
+def seed_columns(feature_set: str, per_seed: list) -> dict:
+    """A tuned set's spread over its seeds' models: n_seeds, and the mean and SD over seeds of each seed's mean and
+    median r (the set's own columns are of the seed-averaged predictions)."""
+    out = {f"n_seeds_{feature_set}": len(per_seed)}
+    for stat, index in (("mean", 0), ("median", 1)):
+        values = [_finite_mean_median(s["r"])[index] for s in per_seed]
+        out[f"{stat}_r_{feature_set}_seed_mean"] = float(np.mean(values))
+        out[f"{stat}_r_{feature_set}_seed_sd"] = float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")
+    return out
+
+
+def seed_diff_columns(a: str, b: str, seeds_a: list, seeds_b: list) -> dict:
+    """Per seed, the difference of the ROI's mean and median r (a's seed k vs b's seed k, or vs b's single model),
+    and their mean and SD over seeds: the training-seed spread beside the seed-averaged comparison."""
+    pairs = [(sa, sb) for sa, sb in zip(seeds_a, seeds_b)] if len(seeds_a) == len(seeds_b) else \
+        [(sa, seeds_b[0]) for sa in seeds_a] if len(seeds_b) == 1 else \
+        [(seeds_a[0], sb) for sb in seeds_b] if len(seeds_a) == 1 else []
+    out = {}
+    for stat, index in (("mean", 0), ("median", 1)):
+        diffs = []
+        for sa, sb in pairs:
+            diff = _finite_mean_median(sa["r"])[index] - _finite_mean_median(sb["r"])[index]
+            tag = sa["seed"] if sa["seed"] is not None else sb["seed"]
+            out[f"{stat}_diff_{a}_vs_{b}_seed{tag}"] = diff
+            diffs.append(diff)
+        if len(diffs) > 1:
+            out[f"{stat}_diff_{a}_vs_{b}_seed_mean"] = float(np.mean(diffs))
+            out[f"{stat}_diff_{a}_vs_{b}_seed_sd"] = float(np.std(diffs, ddof=1))
+    return out
 
 
 def parse_comparisons(comparisons, feature_sets) -> list[tuple[str, str]]:
@@ -64,27 +96,32 @@ def single_subject_rows(study: EncodingStudy, subject: int, hemi: str, rois, fea
             continue
         fits = {s: study.fit(s, subject, hemi, roi) for s in feature_sets}
         missing.update({s: missing.get(s, []) + [roi] for s, fit in fits.items() if fit is None})
-        r = {s: (fit[1] if fit is not None else np.full(len(idx), np.nan)) for s, fit in fits.items()}
+        r = {s: (fit.r if fit is not None else np.full(len(idx), np.nan)) for s, fit in fits.items()}
         voxel_r[roi] = np.stack([r[s] for s in feature_sets]).astype(np.float32)
         for s in feature_sets:
-            row[f"layer_{s}"] = study.layer_of(s, subject, hemi, roi) if fits[s] is not None else ""
+            row[f"layer_{s}"] = "/".join(dict.fromkeys(fits[s].layers)) if fits[s] is not None else ""
         for s in feature_sets:
             row[f"mean_r_{s}"], row[f"median_r_{s}"], row[f"nan_voxels_{s}"] = _finite_mean_median(r[s])
             if ceiling is not None and fits[s] is not None:
                 score = encoding.challenge_score(r[s], ceiling[idx])
                 row[f"mean_challenge_score_{s}"], row[f"median_challenge_score_{s}"], _ = _finite_mean_median(score)
+            if fits[s] is not None and feature_sets_module.is_tuned(s):
+                row.update(seed_columns(s, fits[s].per_seed))
         truth = study.test_truth(subject, hemi, roi)
         for a, b in comparisons:
             if fits[a] is None or fits[b] is None:
                 continue
             row[f"pct_improved_{a}_vs_{b}"] = percent_improved(r[a], r[b])
             # over test images, not voxels: a permutation p and a bootstrap CI of the ROI's mean and median
-            perm = significance.permutation_test_r_diff(truth, fits[a][0], fits[b][0], n_permutations, seed)
-            boot = significance.bootstrap_r_diff(truth, fits[a][0], fits[b][0], n_bootstrap, seed)
+            # (tuned sets: of the seed-averaged predictions; the seeds' own differences beside them)
+            perm = significance.permutation_test_r_diff(truth, fits[a].prediction, fits[b].prediction,
+                                                        n_permutations, seed)
+            boot = significance.bootstrap_r_diff(truth, fits[a].prediction, fits[b].prediction, n_bootstrap, seed)
             for stat in ("median", "mean"):
                 row[f"{stat}_diff_{a}_vs_{b}"] = boot[f"{stat}_diff"]
                 row[f"ci95_{stat}_diff_{a}_vs_{b}"] = f"[{boot[f'{stat}_ci_low']:.3f}, {boot[f'{stat}_ci_high']:.3f}]"
                 row[f"perm_p_{stat}_{a}_vs_{b}"] = perm[f"p_{stat}"]
+            row.update(seed_diff_columns(a, b, fits[a].per_seed, fits[b].per_seed))
         for s in (s for s in feature_sets if s.endswith("cl") and fits[s] is not None):
             ret = study.retrieval(s, subject, hemi, roi, retrieval_candidates, n_bootstrap, seed)
             n = ret["n_candidates"]
@@ -199,9 +236,9 @@ def cross_subject_matrices(study: EncodingStudy, subjects, hemi: str, roi: str, 
             res = study.fit(method, target, hemi, roi, source=source)
             if res is None:
                 continue
-            mean_r[i, j], median_r[i, j], _ = _finite_mean_median(res[1])
+            mean_r[i, j], median_r[i, j], _ = _finite_mean_median(res.r)
             if base is not None:
-                improved[i, j] = percent_improved(res[1], base[1])
+                improved[i, j] = percent_improved(res.r, base.r)
     return median_r, mean_r, improved
 
 
@@ -212,19 +249,19 @@ def leave_one_subject_out_rows(study: EncodingStudy, subjects, hemi: str, roi: s
     for subject in subjects:
         if not len(study.subject(subject).roi_voxel_indices[hemi][roi]):
             continue
-        for pooled in (s for s in feature_sets if s.startswith("pooled-")):
+        for pooled in (s for s in feature_sets if feature_sets_module.is_pooled(s)):
             loso = study.fit(pooled, subject, hemi, roi, exclude_subject=subject)
             if loso is None:
                 continue
             row = {"subject": subject, "hemisphere": hemi, "roi": roi, "feature_set": pooled,
-                   "layer_without_subject": study.layer_of(pooled, subject, hemi, roi, exclude_subject=subject)}
+                   "layer_without_subject": "/".join(dict.fromkeys(loso.layers))}
             fits = {"without_subject": loso, "with_subject": study.fit(pooled, subject, hemi, roi),
                     "untuned": study.fit("untuned", subject, hemi, roi),
-                    "own": study.fit(pooled.split("-", 1)[1], subject, hemi, roi)}
+                    "own": study.fit(feature_sets_module.method_of(pooled), subject, hemi, roi)}
             for name, fit in fits.items():
                 if fit is not None:
-                    row[f"mean_r_{name}"], row[f"median_r_{name}"], _ = _finite_mean_median(fit[1])
+                    row[f"mean_r_{name}"], row[f"median_r_{name}"], _ = _finite_mean_median(fit.r)
             if fits["untuned"] is not None:
-                row["pct_improved_without_subject_vs_untuned"] = percent_improved(loso[1], fits["untuned"][1])
+                row["pct_improved_without_subject_vs_untuned"] = percent_improved(loso.r, fits["untuned"].r)
             rows.append(row)
     return rows

@@ -1,303 +1,413 @@
-"""The encoding study: each subject loaded once, one layer search for every feature set, test-split fits.
+"""The encoding study: its settings, each subject loaded once, the models and searches behind every feature set,
+and test-split fits (seed-averaged for tuned sets).
 
-Every feature set (the untuned AlexNet, and the CL- and reg-tuned backbone of each ROI) gets the same
-treatment: all AlexNet layers from one forward pass, PCA(pca_components) fitted on train for wide layers,
-features scaled to unit mean variance, ridge with one alpha per voxel chosen on a hold-out of train, the
-layer with the best median val r kept per ROI; test scores come from a fit on train with alphas chosen on val.
+Every feature set gets the same treatment: its layer chosen by the layer search (search.py: PCA on train for wide
+layers, unit-scaled features, ridge with one alpha per voxel, cross-fitted on the val split), then a ridge model
+per voxel fitted on train with its alpha chosen on val, scored on the test split, which no choice ever sees.
 """
 from __future__ import annotations
 
-import json
+import re
 import time
+from collections import OrderedDict
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 import encoding
+import feature_sets
 import features
 import models
 import options
-import outputs
+import paths
 import runtime
+import search
 import significance
 import utils
 
-TUNED_METHODS = ("reg", "cl")                   # per-subject tuned backbones
-POOLED_SETS = ("pooled-reg", "pooled-cl")        # one backbone tuned on every subject's fMRI of an ROI
-FEATURE_SETS = ("untuned",) + TUNED_METHODS + POOLED_SETS
+ALPHA_MODES = ("per-voxel", "per-roi", "per-roi-untuned", "paper")
+FEATURE_SCALINGS = ("auto", "unit", "none")
 
 
-def layer_roi_scores(layer_features: dict, fmri: np.ndarray, split: dict, roi_indices: dict, alphas,
-                     alpha_holdout: float = 0.1, seed: int = 0, device=None, desc: str = "ridge per layer",
-                     statistic: str = "median"):
-    """Layers x ROIs median (or mean) val Pearson r of ridge models of the given voxels (NaN for empty ROIs).
+@dataclass(frozen=True)
+class StudySettings:
+    """What every stage that reads features agrees on: taken from a script's options by name (from_options)."""
+    data_dir: str
+    out_dir: str
+    hemispheres: tuple = utils.HEMISPHERES
+    backbone: str = "alexnet"
+    weights: str = "IMAGENET1K_V1"
+    image_size: int = 224
+    layers: tuple = models.ALEXNET_LAYERS     # searched for every set ([] in a script: the backbone's default)
+    pca_components: int = 1000
+    alphas: tuple = encoding.ALPHAS            # the ridge alpha grid ([] in a script: encoding.ALPHAS)
+    alpha_mode: str = "per-voxel"
+    feature_scaling: str = "auto"
+    layer_statistic: str = "median"
+    tuned_layer: str = "best"                  # best (each set's own search) | untuned | a layer name
+    checkpoint: str = "best"
+    seeds: tuple = ()                          # tuned models' seeds; () = every seed trained
+    pooled_h_method: str = "constant"
+    noise_ceiling_dir: str | None = None
+    features_dir: str | None = None            # external:<name> sets: features_dir/subjXX/<name>/*.npy
+    split_seed: int = 0
+    seed: int = 0                              # PCA seed and the val halves of the search
+    batch_size: int = 128
+    device: str = "auto"
+    keep_search_features: bool = False
+    search_missing: bool = False               # results: search a missing layer search instead of failing
 
-    fmri: images x voxels (only the voxels roi_indices point into are needed). Each voxel's alpha is chosen
-    on a hold-out of the train split, so the val split only scores.
-    """
-    summarize = {"median": np.nanmedian, "mean": np.nanmean}[statistic]
-    from sklearn.model_selection import train_test_split
-    fit_rows, hold_rows = train_test_split(np.arange(len(split["train"])), test_size=alpha_holdout, random_state=seed)
-    y_train = fmri[split["train"]]
-    y_val = fmri[split["val"]]
-    scores = np.full((len(layer_features), len(roi_indices)), np.nan)
-    for i, layer in enumerate(tqdm(layer_features, desc=desc, unit="layer", leave=False)):
-        scaled = encoding.unit_scale(layer_features[layer])
-        x_train, x_val = scaled["train"], scaled["val"]
-        model = encoding.fit_ridge(x_train[fit_rows], y_train[fit_rows], x_train[hold_rows], y_train[hold_rows],
-                                   alphas=alphas, device=device)
-        r = encoding.pearson_r(y_val, model.predict(x_val))
-        for j, idx in enumerate(roi_indices.values()):
-            if len(idx):
-                scores[i, j] = summarize(r[idx])
-    return scores
+    @classmethod
+    def from_options(cls, config: dict, **overrides) -> "StudySettings":
+        values = {f.name: config[f.name] for f in fields(cls) if f.name in config}
+        values.update(overrides)
+        values["hemispheres"] = tuple(utils.check_hemisphere(h) for h in values.get("hemispheres") or
+                                      utils.HEMISPHERES)
+        values["layers"] = tuple(values.get("layers") or models.ALEXNET_LAYERS)
+        values["alphas"] = tuple(float(a) for a in (values.get("alphas") or encoding.ALPHAS))
+        values["seeds"] = tuple(int(s) for s in values.get("seeds") or ())
+        for name in ("noise_ceiling_dir", "features_dir"):
+            values[name] = values.get(name) or None
+        settings = cls(**values)
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        for name, value, allowed in (("alpha_mode", self.alpha_mode, ALPHA_MODES),
+                                     ("feature_scaling", self.feature_scaling, FEATURE_SCALINGS),
+                                     ("layer_statistic", self.layer_statistic, search.STATISTICS),
+                                     ("checkpoint", self.checkpoint, paths.CHECKPOINTS)):
+            if value not in allowed:
+                raise options.OptionsError(f"--{name}={value}: expected one of {', '.join(allowed)}")
+        if self.tuned_layer not in ("best", "untuned") and self.tuned_layer not in self.layers:
+            raise options.OptionsError(f"--tuned_layer={self.tuned_layer}: expected best, untuned or one of "
+                                       + ", ".join(self.layers))
+
+    def untuned_spec(self) -> str:
+        return f"untuned:{self.weights}"
 
 
-def best_layer_per_roi(scores: np.ndarray, layers, roi_indices: dict) -> dict:
-    """ROI -> layer with the highest median r (empty ROIs left out)."""
-    return {roi: layers[int(np.nanargmax(scores[:, j]))]
-            for j, (roi, idx) in enumerate(roi_indices.items()) if len(idx) and np.isfinite(scores[:, j]).any()}
+@dataclass
+class SetFit:
+    """Test-split predictions of one feature set for one ROI (tuned sets: averaged over the seeds' models)."""
+    prediction: np.ndarray          # test images x voxels
+    r: np.ndarray                   # test r per voxel of `prediction`
+    per_seed: list = field(default_factory=list)   # [{'seed', 'layer', 'r', 'alphas', 'run_dir'}] (untuned: one)
 
-
-def best_layer_path(out_dir, subject: int, hemi: str, feature_set: str = "untuned") -> Path:
-    """out_dir/best_layer/subjXX/{hemi}_best_layer.json (untuned) or {hemi}_best_layer_{set}.json (tuned sets)."""
-    suffix = "" if feature_set == "untuned" else f"_{feature_set}"
-    return Path(out_dir) / "best_layer" / utils.subject_dir_name(subject) / f"{hemi}_best_layer{suffix}.json"
-
-
-def load_best_layers(out_dir, subject: int, hemi: str) -> dict:
-    """The ROI -> layer choice written by get_best_alex_layer.py (one-line error when it has not run)."""
-    path = best_layer_path(out_dir, subject, hemi)
-    if not path.is_file():
-        raise options.DataError(f"{path}: not found; run get_best_alex_layer.py for subject {subject} first")
-    return json.loads(path.read_text())
+    @property
+    def layers(self) -> list:
+        return [s["layer"] for s in self.per_seed]
 
 
 def encode_test(layer_features: dict, fmri: np.ndarray, split: dict, voxel_indices, alphas, device=None,
-                per_roi_alpha: bool = False):
-    """Fit ridge on train (alpha chosen on val per voxel, or one per ROI, or one fixed alpha); predict test.
-
-    Returns (test predictions n_test x v, test r per voxel) for the given voxels. A grid of alphas works
-    on unit-scaled features; one fixed alpha (the paper's mode) on the features as they are.
-    per_roi_alpha: one alpha for all the voxels, the one with the best mean val r (the 2023 original).
-    """
-    if np.ndim(alphas) and len(alphas) > 1:
-        layer_features = encoding.unit_scale(layer_features)
+                per_roi_alpha: bool = False, feature_scaling: str = "auto", voxel_alphas=None):
+    """Fit ridge on train (alpha per voxel chosen on val, or one per ROI, or one fixed alpha, or given voxel_alphas);
+    predict test. -> (test predictions n_test x v, test r per voxel, the alpha of each voxel)."""
+    layer_features = search.scaled(layer_features, feature_scaling, len(np.atleast_1d(alphas)))
     y = fmri[:, voxel_indices]
-    model = encoding.fit_ridge(layer_features["train"], y[split["train"]], layer_features["val"], y[split["val"]],
-                               alphas=alphas, device=device)
-    if per_roi_alpha and model.val_scores_ is not None:
-        best = model.alpha_grid_[int(np.nanargmax(np.nanmean(model.val_scores_, axis=1)))]
-        model = encoding.fit_ridge(layer_features["train"], y[split["train"]], device=device,
-                                   voxel_alphas=np.full(y.shape[1], best))
+    if voxel_alphas is not None:
+        model = encoding.fit_ridge(layer_features["train"], y[split["train"]], voxel_alphas=voxel_alphas,
+                                   device=device)
+    else:
+        model = encoding.fit_ridge(layer_features["train"], y[split["train"]], layer_features["val"],
+                                   y[split["val"]], alphas=alphas, device=device)
+        if per_roi_alpha and model.val_scores_ is not None:
+            best = model.alpha_grid_[int(np.nanargmax(np.nanmean(model.val_scores_, axis=1)))]
+            model = encoding.fit_ridge(layer_features["train"], y[split["train"]], device=device,
+                                       voxel_alphas=np.full(y.shape[1], best))
     prediction = model.predict(layer_features["test"])
-    return prediction, encoding.pearson_r(y[split["test"]], prediction)
+    return prediction, encoding.pearson_r(y[split["test"]], prediction), model.alphas_
 
 
 class EncodingStudy:
-    """Loads each subject once; searches, caches and memoises the layer and encoding fits of every feature set.
+    """Loads each subject once; finds the models and reads the layer searches behind every feature set; fits and
+    scores encoding models on the test split. Fits are kept in a small cache, so memory stays flat over a study."""
 
-    tuned_layer: 'best' (each tuned backbone searched over `layers` like the untuned one), 'untuned' (the
-    ROI's best untuned layer, as the 2023 original), or one layer name for every tuned backbone.
-    """
-
-    def __init__(self, data_dir, out_dir, hemispheres, weights: str, image_size: int, split_seed: int,
-                 pca_components: int, seed: int, batch_size: int, alpha_mode: str, alphas, tuned_layer: str,
-                 checkpoint: str, device, layers=models.ALEXNET_LAYERS, alpha_holdout: float = 0.1,
-                 keep_search_features: bool = False, noise_ceiling_dir=None, layer_statistic: str = "median",
-                 pooled_h_method: str = "constant"):
-        self.data_dir, self.out_dir, self.hemispheres = data_dir, out_dir, list(hemispheres)
-        self.weights, self.image_size, self.split_seed = weights, image_size, split_seed
-        self.pca_components, self.seed, self.batch_size = pca_components, seed, batch_size
-        self.alpha_mode, self.alpha_grid, self.alpha_holdout = alpha_mode, alphas, alpha_holdout
-        self.tuned_layer, self.checkpoint, self.device, self.layers = tuned_layer, checkpoint, device, list(layers)
-        self.keep_search_features, self.noise_ceiling_dir = keep_search_features, noise_ceiling_dir
-        self.layer_statistic, self.pooled_h_method = layer_statistic, pooled_h_method
-        if alpha_mode not in ("per-voxel", "per-roi", "paper"):
-            raise options.OptionsError(f"--alpha_mode={alpha_mode}: expected per-voxel, per-roi or paper")
-        if tuned_layer not in ("best", "untuned") and tuned_layer not in self.layers:
-            raise options.OptionsError(f"--tuned_layer={tuned_layer}: expected best, untuned or one of "
-                                     + ", ".join(self.layers))
+    def __init__(self, settings: StudySettings, fit_cache: int = 8):
+        self.s = settings
+        self.device = runtime.resolve_device(settings.device)
         self._subjects: dict = {}
-        self._untuned: dict = {}
-        self._tuned: dict = {}
+        self._fits: OrderedDict = OrderedDict()
+        self._fit_cache = fit_cache
         self.checkpoints_used: set = set()
 
     def provenance(self) -> dict:
         """What results so far came from: the split files and the model checkpoints (for sidecars)."""
-        return {"split_files": [str(utils.split_path(self.out_dir, s)) for s in sorted(self._subjects)],
+        return {"split_files": [str(paths.split_file(self.s.out_dir, s)) for s in sorted(self._subjects)],
                 "checkpoints": sorted(self.checkpoints_used)}
 
     def alphas(self, tuned: bool):
-        """Per-voxel grid, or the paper's fixed alpha (untuned 1e3, tuned 1e4) in paper mode."""
-        if self.alpha_mode == "paper":
+        """The alpha grid, or the paper's fixed alpha (untuned 1e3, tuned 1e4) in paper mode."""
+        if self.s.alpha_mode == "paper":
             return [encoding.PAPER_ALPHA_TUNED if tuned else encoding.PAPER_ALPHA_UNTUNED]
-        return self.alpha_grid
+        return list(self.s.alphas)
 
     def subject(self, subject: int) -> utils.Subject:
         if subject not in self._subjects:
-            self._subjects[subject] = utils.load_subject(self.data_dir, subject, self.out_dir, self.image_size,
-                                                         self.split_seed, self.hemispheres,
-                                                         noise_ceiling_dir=self.noise_ceiling_dir)
+            self._subjects[subject] = utils.load_subject(self.s.data_dir, subject, self.s.out_dir, self.s.image_size,
+                                                         self.s.split_seed, self.s.hemispheres,
+                                                         noise_ceiling_dir=self.s.noise_ceiling_dir)
         return self._subjects[subject]
 
     def features(self, subject: int, spec: str, layers, challenge_images=None) -> dict:
         """{layer: {'train'|'val'|'test'[|'challenge']: features}} of a subject's images through a backbone
-        (cached; 'challenge': the challenge test images, when given)."""
+        (cached on disk; 'challenge': the challenge test images, when given)."""
         sets = features.subject_image_sets(self.subject(subject), challenge_images=challenge_images)
-        return features.layer_features(self.out_dir, subject, spec, layers, sets, self.image_size,
-                                       self.pca_components, self.seed, self.device, self.batch_size)
+        return features.layer_features(self.s.out_dir, subject, spec, layers, sets, self.s.image_size,
+                                       self.s.pca_components, self.s.seed, self.device, self.s.batch_size)
 
-    # ---- layers ----
+    # ---- the models behind a tuned feature set ----
 
-    def untuned_layer(self, subject: int, hemi: str, roi: str) -> str | None:
-        return load_best_layers(self.out_dir, subject, hemi).get(roi)
+    def run_dirs(self, feature_set: str, subject: int, hemi: str, roi: str,
+                 exclude_subject: int | None = None) -> list[tuple[int, Path]]:
+        """(seed, model folder) of every trained model of a tuned set: `subject`'s own (reg, cl) or the pooled one
+        (pooled-*: every subject's; exclude_subject: the one trained without that subject), seeds as settings."""
+        method = feature_sets.method_of(feature_set)
+        pooled = feature_sets.is_pooled(feature_set)
+        base = paths.model_dir(self.s.out_dir, method, hemi, roi, subject=None if pooled else subject,
+                               backbone=self.s.backbone, exclude_subject=exclude_subject if pooled else None,
+                               pooled_h_method=self.s.pooled_h_method).parent
+        found = []
+        for folder in sorted(base.glob("seed*")) if base.is_dir() else []:
+            match = re.fullmatch(r"seed(\d+)", folder.name)
+            if match and (not self.s.seeds or int(match.group(1)) in self.s.seeds) and \
+                    paths.checkpoint_file(folder, self.s.checkpoint).is_file():
+                found.append((int(match.group(1)), folder))
+        return found
 
-    def checkpoint_of(self, feature_set: str, source: int | None, hemi: str, roi: str,
-                      exclude_subject: int | None = None) -> Path | None:
-        """The checkpoint behind a tuned feature set ('reg', 'cl': source's own; 'pooled-*': shared), if trained."""
-        if feature_set in TUNED_METHODS:
-            path = models.checkpoint_path(self.out_dir, feature_set, source, hemi, roi, self.checkpoint)
-        elif feature_set in POOLED_SETS:
-            path = models.pooled_checkpoint_path(self.out_dir, feature_set.split("-", 1)[1], hemi, roi,
-                                                 exclude_subject, self.checkpoint, self.pooled_h_method)
+    def checkpoint(self, run_dir) -> Path:
+        return paths.checkpoint_file(run_dir, self.s.checkpoint)
+
+    # ---- layer searches ----
+
+    def search_key(self, feature_set: str, subject: int, run_dir=None) -> dict:
+        """Every option that changes a search's result, and the identity of what was searched."""
+        key = {"format": search.SEARCH_FORMAT, "feature_set": feature_set, "layers": list(self.s.layers),
+               "pca_components": self.s.pca_components, "alphas": list(self.s.alphas),
+               "feature_scaling": self.s.feature_scaling, "selection": search.SELECTION,
+               "statistic": self.s.layer_statistic, "seed": self.s.seed, "image_size": self.s.image_size,
+               "split": search.split_identity(self.subject(subject).split)}
+        if feature_sets.is_external(feature_set):
+            key["features_dir"] = str(Path(self.s.features_dir).resolve()) if self.s.features_dir else None
         else:
-            raise ValueError(f"unknown feature set {feature_set!r}; expected one of {', '.join(FEATURE_SETS)}")
-        return path if path.is_file() else None
+            key["backbone"] = self.s.backbone
+        if run_dir is not None:
+            key["model"] = search.file_identity(self.checkpoint(run_dir))
+            key["checkpoint"] = self.s.checkpoint
+        elif feature_set == feature_sets.UNTUNED:
+            key["weights"] = self.s.weights
+        return key
 
-    def layer_of(self, feature_set: str, subject: int, hemi: str, roi: str, source: int | None = None,
-                 exclude_subject: int | None = None) -> str | None:
-        """The layer a feature set is read at for subject's ROI (a tuned backbone searched first if tuned_layer='best').
+    def search_file(self, feature_set: str, subject: int, hemi: str, run_dir=None) -> Path:
+        return paths.search_file(self.s.out_dir, subject, hemi, backbone=self.s.backbone, feature_set=feature_set,
+                                 run_dir=run_dir)
 
-        Per-subject backbones are searched on their own subject (source); pooled ones on the encoded subject.
-        """
-        if feature_set == "untuned":
-            return self.untuned_layer(subject, hemi, roi)
-        source = subject if source is None else source
-        ckpt = self.checkpoint_of(feature_set, source, hemi, roi, exclude_subject)
-        if ckpt is None:
-            return None
-        if self.tuned_layer == "untuned":
-            return self.untuned_layer(source if feature_set in TUNED_METHODS else subject, hemi, roi)
-        if self.tuned_layer != "best":
-            return self.tuned_layer
-        search_subject = source if feature_set in TUNED_METHODS else subject
-        name = feature_set if exclude_subject is None else f"{feature_set}-loso"
-        return self.search_layers(name, ckpt, search_subject, hemi, roi)["layer"]
+    def search_command(self, feature_set: str, subject: int) -> str:
+        return (f"get_best_alex_layer.py --feature_sets={feature_set} --subjects={subject} with the same options, "
+                "or add --search_missing=true")
 
-    def search_layers(self, name: str, ckpt: Path, subject: int, hemi: str, roi: str) -> dict:
-        """Median val r of every layer of a tuned backbone for subject's ROI voxels; cached per checkpoint.
+    def search(self, feature_set: str, subject: int, hemi: str, run_dir=None) -> dict:
+        """The saved layer search of a feature set on a subject's hemisphere (one tuned model: run_dir); searched
+        first when missing or stale only if settings.search_missing, else one line naming the command."""
+        path = self.search_file(feature_set, subject, hemi, run_dir)
+        key = self.search_key(feature_set, subject, run_dir)
+        if self.s.search_missing and search.saved_key(path) != key:
+            self.run_search(feature_set, subject, [hemi], run_dir, {})
+        return search.read_search(path, key, self.search_command(feature_set, subject))
 
-        -> {'layer': best layer, 'val_r': {layer: r}, 'statistic', 'checkpoint': tag}; saved in
-        best_layer/subjXX/{hemi}_best_layer_{name}.json beside the untuned search.
-        """
-        tag = features.backbone_spec_tag(str(ckpt))
-        path = best_layer_path(self.out_dir, subject, hemi, name)
-        saved = json.loads(path.read_text()) if path.is_file() else {}
-        entry = saved.get(roi)
-        if (entry and entry.get("checkpoint") == tag and list(entry["val_r"]) == self.layers
-                and entry.get("statistic") == self.layer_statistic):
-            return entry
+    def run_search(self, feature_set: str, subject: int, hemispheres, run_dir=None, script_options=None,
+                   roi: str | None = None) -> float:
+        """Search every layer for a subject: untuned / external sets over every ROI of the hemispheres (one forward
+        pass), a tuned model (run_dir) over its ROI. Writes the search files; returns the seconds it took."""
+        start = time.perf_counter()
         d = self.subject(subject)
-        idx = d.roi_voxel_indices[hemi][roi]
-        self.checkpoints_used.add(str(ckpt))
-        start = time.perf_counter()  # the search's cost (forward pass, PCAs, ridges) is recorded with its result
-        feats = self.features(subject, str(ckpt), self.layers)
-        scores = layer_roi_scores(feats, np.asarray(d.fmri[hemi][:, idx]), d.split, {roi: np.arange(len(idx))},
-                                  self.alpha_grid, self.alpha_holdout, self.seed, self.device,
-                                  desc=f"{name} {utils.subject_dir_name(subject)} {hemi} {roi} layer search",
-                                  statistic=self.layer_statistic)[:, 0]
-        entry = {"layer": self.layers[int(np.nanargmax(scores))], "checkpoint": tag,
-                 "statistic": self.layer_statistic, "val_r": dict(zip(self.layers, scores.tolist())),
-                 "search_seconds": round(time.perf_counter() - start, 2)}
-        saved[roi] = entry
-        outputs.save_json(path, saved, {"layers": self.layers, "pca_components": self.pca_components,
-                                        "alphas": list(self.alpha_grid), "alpha_holdout": self.alpha_holdout},
-                          subject=subject, hemisphere=hemi, feature_set=name,
-                          metric=f"{self.layer_statistic} val Pearson r of the ROI's voxels per layer")
-        if not self.keep_search_features:
-            features.drop_cached_layers(self.out_dir, subject, str(ckpt), keep=[entry["layer"]])
-        return entry
+        spec = feature_set if feature_sets.is_external(feature_set) else \
+            str(self.checkpoint(run_dir)) if run_dir is not None else self.s.untuned_spec()
+        if run_dir is not None:
+            self.checkpoints_used.add(spec)
+        layer_features = self.features(subject, spec, self.s.layers)
+        seconds_per_hemi = {}
+        for hemi in hemispheres:
+            t_hemi = time.perf_counter()
+            rois = d.roi_voxel_indices[hemi] if roi is None else {roi: d.roi_voxel_indices[hemi][roi]}
+            scores = search.layer_roi_scores(layer_features, d.fmri[hemi], d.split, rois, list(self.s.alphas),
+                                             self.s.seed, self.device, self.s.layer_statistic,
+                                             self.s.feature_scaling,
+                                             desc=f"{feature_set} {paths.subject_dir_name(subject)} {hemi} search")
+            result = search.search_result(scores, list(self.s.layers), rois, self.s.layer_statistic)
+            seconds_per_hemi[hemi] = time.perf_counter() - t_hemi
+            search.write_search(self.search_file(feature_set, subject, hemi, run_dir), result,
+                                self.search_key(feature_set, subject, run_dir),
+                                time.perf_counter() - start if hemi == hemispheres[0] else seconds_per_hemi[hemi],
+                                script_options or {}, subject=subject, hemisphere=hemi, feature_set=feature_set,
+                                model=str(run_dir) if run_dir is not None else None)
+        if run_dir is not None and not self.s.keep_search_features:
+            chosen = {entry["layer"] for h in hemispheres for entry in
+                      search.read_search(self.search_file(feature_set, subject, h, run_dir),
+                                         self.search_key(feature_set, subject, run_dir), "")["rois"].values()}
+            features.drop_cached_layers(self.s.out_dir, subject, spec, keep=chosen)
+        return time.perf_counter() - start
 
-    def layer_scores(self, name: str, subject: int, hemi: str, rois) -> np.ndarray:
-        """Layers x ROIs val r of a tuned set's searches (NaN where no model was searched)."""
-        path = best_layer_path(self.out_dir, subject, hemi, name)
-        saved = json.loads(path.read_text()) if path.is_file() else {}
-        return np.array([[saved.get(roi, {}).get("val_r", {}).get(layer, np.nan) for roi in rois]
-                         for layer in self.layers], dtype=float)
+    def layer_of(self, feature_set: str, subject: int, hemi: str, roi: str, run_dir=None,
+                 source: int | None = None) -> str | None:
+        """The layer a feature set is read at for a subject's ROI: its own search (tuned_layer='best'), the ROI's
+        untuned layer ('untuned': of the backbone's subject `source` for per-subject sets), or a fixed layer.
+        A tuned model (run_dir) is searched on its own subject (per subject) or the encoded subject (pooled)."""
+        if feature_set == feature_sets.UNTUNED or feature_sets.is_external(feature_set):
+            return self.search(feature_set, subject, hemi)["rois"].get(roi, {}).get("layer")
+        if self.s.tuned_layer == "untuned":
+            return self.layer_of(feature_sets.UNTUNED, subject if source is None else source, hemi, roi)
+        if self.s.tuned_layer != "best":
+            return self.s.tuned_layer
+        searched_on = subject if feature_sets.is_pooled(feature_set) or source is None else source
+        return self.search(feature_set, searched_on, hemi, run_dir)["rois"][roi]["layer"]
 
     # ---- test-split fits ----
 
-    def untuned(self, subject: int, hemi: str, roi: str):
-        """(test predictions, test r) of the ROI's voxels from the untuned best-layer model."""
-        layer = self.untuned_layer(subject, hemi, roi)
-        if layer is None:
-            return None
-        d = self.subject(subject)
-        idx = d.roi_voxel_indices[hemi][roi]
-        per_roi = self.alpha_mode == "per-roi"
-        key = (subject, hemi, layer, roi if per_roi else None)  # per-voxel alphas: one fit serves every ROI
-        if key not in self._untuned:
-            feats = self.features(subject, f"untuned:{self.weights}", [layer])[layer]
-            voxels = idx if per_roi else np.arange(d.fmri[hemi].shape[1])
-            self._untuned[key] = encode_test(feats, d.fmri[hemi], d.split, voxels, self.alphas(False), self.device,
-                                             per_roi)
-        prediction, r = self._untuned[key]
-        return (prediction, r) if per_roi else (prediction[:, idx], r[idx])
-
     def fit(self, feature_set: str, subject: int, hemi: str, roi: str, source: int | None = None,
-            exclude_subject: int | None = None):
-        """(test predictions, test r) of subject's ROI voxels from a feature set, or None where it has no model.
+            exclude_subject: int | None = None) -> SetFit | None:
+        """Test predictions and r of a subject's ROI voxels from a feature set, or None where it has no model.
 
         source: the subject whose per-subject backbone is used (cross-subject; default: subject itself);
         exclude_subject: the pooled backbone trained without that subject (leave-one-subject-out).
         """
-        if feature_set == "untuned":
-            return self.untuned(subject, hemi, roi)
-        source = subject if source is None else source
-        key = (feature_set, source, subject, hemi, roi, exclude_subject)
-        if key not in self._tuned:
-            d = self.subject(subject)
-            idx = d.roi_voxel_indices[hemi].get(roi, np.array([], dtype=np.int64))
-            ckpt = self.checkpoint_of(feature_set, source, hemi, roi, exclude_subject) if len(idx) else None
-            if ckpt is None:
-                self._tuned[key] = None
-            else:
-                layer = self.layer_of(feature_set, subject, hemi, roi, source, exclude_subject)
-                self.checkpoints_used.add(str(ckpt))
-                feats = self.features(subject, str(ckpt), [layer])[layer]
-                self._tuned[key] = encode_test(feats, d.fmri[hemi], d.split, idx, self.alphas(True), self.device,
-                                               self.alpha_mode == "per-roi")
-        return self._tuned[key]
+        key = (feature_set, subject, hemi, roi, source, exclude_subject)
+        if key in self._fits:
+            self._fits.move_to_end(key)
+            return self._fits[key]
+        result = self._fit(feature_set, subject, hemi, roi, subject if source is None else source, exclude_subject)
+        self._fits[key] = result
+        while len(self._fits) > self._fit_cache:
+            self._fits.popitem(last=False)
+        return result
+
+    def _fit(self, feature_set, subject, hemi, roi, source, exclude_subject) -> SetFit | None:
+        d = self.subject(subject)
+        idx = d.roi_voxel_indices[hemi].get(roi, np.array([], dtype=np.int64))
+        if not len(idx):
+            return None
+        per_roi = self.s.alpha_mode == "per-roi"
+        if feature_set == feature_sets.UNTUNED or feature_sets.is_external(feature_set):
+            layer = self.layer_of(feature_set, subject, hemi, roi)
+            if layer is None:
+                return None
+            spec = self.s.untuned_spec() if feature_set == feature_sets.UNTUNED else feature_set
+            feats = self.features(subject, spec, [layer])[layer]
+            prediction, r, alphas = encode_test(feats, d.fmri[hemi], d.split, idx, self.alphas(False), self.device,
+                                                per_roi or self.s.alpha_mode == "per-roi-untuned",
+                                                self.s.feature_scaling)
+            return SetFit(prediction, r, [{"seed": None, "layer": layer, "r": r, "alphas": alphas, "run_dir": None}])
+        runs = self.run_dirs(feature_set, source, hemi, roi, exclude_subject)
+        if not runs:
+            return None
+        voxel_alphas = None
+        if self.s.alpha_mode == "per-roi-untuned":  # the 2023 original: the untuned model's alpha for every set
+            untuned = self.fit(feature_sets.UNTUNED, subject, hemi, roi)
+            voxel_alphas = None if untuned is None else untuned.per_seed[0]["alphas"]
+        per_seed = []
+        for seed, run_dir in runs:
+            layer = self.layer_of(feature_set, subject, hemi, roi, run_dir, source)
+            ckpt = str(self.checkpoint(run_dir))
+            self.checkpoints_used.add(ckpt)
+            feats = self.features(subject, ckpt, [layer])[layer]
+            prediction, r, alphas = encode_test(feats, d.fmri[hemi], d.split, idx, self.alphas(True), self.device,
+                                                per_roi, self.s.feature_scaling, voxel_alphas)
+            per_seed.append({"seed": seed, "layer": layer, "r": r, "alphas": alphas, "run_dir": str(run_dir),
+                             "prediction": prediction})
+        prediction = np.mean([s.pop("prediction") for s in per_seed], axis=0).astype(np.float32)
+        r = per_seed[0]["r"] if len(per_seed) == 1 else encoding.pearson_r(self.test_truth(subject, hemi, roi),
+                                                                            prediction)
+        return SetFit(prediction, r, per_seed)
 
     def retrieval(self, feature_set: str, subject: int, hemi: str, roi: str, n_candidates: int = 300,
-                  n_boot: int = 1000, seed: int = 0) -> dict:
-        """fMRI -> image retrieval of a contrastive model on subject's test split (significance.retrieval_accuracy).
+                  n_boot: int = 1000, seed: int = 0) -> dict | None:
+        """fMRI -> image retrieval of a contrastive model on subject's test split (significance.retrieval_accuracy),
+        with seeds: the mean of the seeds' accuracies (the CIs of the first seed).
 
         Embeddings come in batches of the model's training batch size with BatchNorm on each batch's own
         statistics per modality, exactly as the model was trained and validated.
         """
         import torch
-        ckpt = self.checkpoint_of(feature_set, subject, hemi, roi)
-        meta = models.load_checkpoint(ckpt)
-        model = models.load_roi_model(ckpt, self.device)
-        source = models.checkpoint_source_index(meta, subject)
+        runs = self.run_dirs(feature_set, subject, hemi, roi)
+        if not runs:
+            return None
         d = self.subject(subject)
         rows = np.asarray(d.split["test"])
         fmri = np.asarray(d.fmri[hemi][rows], dtype=np.float32)[:, d.roi_voxel_indices[hemi][roi]]
-        batch_size = int(meta.get("settings", {}).get("batch_size", self.batch_size))
-        embeddings = []
-        with torch.no_grad(), models.batch_statistics(model):
-            for b in np.array_split(np.arange(len(rows)), max(1, -(-len(rows) // batch_size))):
-                x = runtime.prepare_images(d.images[rows[b]], self.device)
-                f, g = model(x, torch.from_numpy(fmri[b]).to(self.device), source)
-                embeddings.append((f.float().cpu().numpy(), g.float().cpu().numpy()))
-        self.checkpoints_used.add(str(ckpt))
-        return significance.retrieval_accuracy(np.concatenate([e[0] for e in embeddings]),
-                                               np.concatenate([e[1] for e in embeddings]),
-                                               n_candidates=n_candidates, n_boot=n_boot, seed=seed)
+        results = []
+        for _, run_dir in runs:
+            ckpt = self.checkpoint(run_dir)
+            meta = models.load_checkpoint(ckpt)
+            model = models.roi_model_from_checkpoint(meta, self.device)
+            source = models.checkpoint_source_index(meta, subject)
+            batch_size = int(meta.get("settings", {}).get("batch_size", self.s.batch_size))
+            del meta
+            embeddings = []
+            with torch.no_grad(), models.batch_statistics(model):
+                for b in np.array_split(np.arange(len(rows)), max(1, -(-len(rows) // batch_size))):
+                    x = runtime.prepare_images(d.images[rows[b]], self.device)
+                    f, g = model(x, torch.from_numpy(fmri[b]).to(self.device), source)
+                    embeddings.append((f.float().cpu().numpy(), g.float().cpu().numpy()))
+            del model
+            self.checkpoints_used.add(str(ckpt))
+            results.append(significance.retrieval_accuracy(np.concatenate([e[0] for e in embeddings]),
+                                                           np.concatenate([e[1] for e in embeddings]),
+                                                           n_candidates=n_candidates, n_boot=n_boot, seed=seed))
+        out = dict(results[0])
+        for key in (k for k in out if k.startswith(("top", "control_")) and not k.endswith(("_low", "_high"))):
+            out[key] = float(np.mean([r[key] for r in results]))
+        out["n_seeds"] = len(results)
+        return out
 
     def test_truth(self, subject: int, hemi: str, roi: str) -> np.ndarray:
         d = self.subject(subject)
         return np.asarray(d.fmri[hemi][d.split["test"]])[:, d.roi_voxel_indices[hemi][roi]]
+
+
+def trained_sets(settings: StudySettings) -> list[str]:
+    """The tuned feature sets that have models in out_dir for the settings' backbone."""
+    root = Path(settings.out_dir) / "models" / paths.backbone_dir_name(settings.backbone)
+    found = []
+    for name in feature_sets.TUNED:
+        method = feature_sets.method_of(name)
+        folder = paths.method_dir_name(method, feature_sets.is_pooled(name), settings.pooled_h_method)
+        if (root / folder).is_dir():
+            found.append(name)
+    return found
+
+
+def search_jobs(study: EncodingStudy, set_names, subjects, hemispheres, rois) -> list[dict]:
+    """The layer searches a study needs: per subject one job for the untuned (and each external) set over every ROI
+    of the hemispheres; per subject, hemisphere, ROI and trained model one job for each tuned set (pooled: the
+    model of all subjects and the one trained without the encoded subject)."""
+    jobs = []
+    for name in set_names:
+        for subject in subjects:
+            if not feature_sets.is_tuned(name):
+                jobs.append({"feature_set": name, "subject": subject, "hemispheres": list(hemispheres),
+                             "roi": None, "run_dir": None, "seed": None})
+                continue
+            for hemi in hemispheres:
+                for roi in rois:
+                    runs = study.run_dirs(name, subject, hemi, roi)
+                    if feature_sets.is_pooled(name):
+                        runs += study.run_dirs(name, subject, hemi, roi, exclude_subject=subject)
+                    jobs += [{"feature_set": name, "subject": subject, "hemispheres": [hemi], "roi": roi,
+                              "run_dir": run_dir, "seed": seed} for seed, run_dir in runs]
+    return jobs
+
+
+def check_searches(study: EncodingStudy, set_names, subjects, hemispheres, rois) -> int:
+    """Read every layer search the results will need (one line naming the command for a missing or stale one)
+    before anything is written; -> how many. Only the untuned ones unless tuned sets read their own searches."""
+    if study.s.search_missing:
+        return 0
+    needed = [s for s in set_names if not feature_sets.is_tuned(s) or study.s.tuned_layer == "best"]
+    if study.s.tuned_layer == "untuned" and feature_sets.UNTUNED not in needed:
+        needed.insert(0, feature_sets.UNTUNED)
+    jobs = search_jobs(study, needed, subjects, hemispheres, rois)
+    for job in jobs:
+        for hemi in job["hemispheres"]:
+            study.search(job["feature_set"], job["subject"], hemi, job["run_dir"])
+    return len(jobs)

@@ -1,4 +1,4 @@
-"""Training ROI models: the runtime (device, torch.distributed), sources, the one training loop, sweeps, throughput.
+"""Training ROI models: the settings, the one training loop (per subject or pooled), checkpoints per epoch, sweeps.
 
 The loop, `train_roi_model`, trains a per-subject model (one source) or a model pooled over subjects (several
 sources) for all training scripts. It is split into the steps a reader looks for: `restore_or_init`,
@@ -20,14 +20,14 @@ import encoding
 import models
 import options
 import outputs
+import paths
 import training_data
 import utils
 from runtime import Runtime, autocast_context, prepare_images, setup_runtime
 
 VAL_METRIC = {"cl": "val_top1", "reg": "val_r"}  # top-1 fMRI->image retrieval; mean voxel Pearson r
-TRAINING_SCRIPTS = {"cl": "cl_model_training.py", "reg": "reg_model_training.py",
-                    "pooled-cl": "pooled_cl_model_training.py", "pooled-reg": "pooled_reg_model_training.py"}
 LR_SCHEDULES = ("plateau", "none")
+CHECKPOINT_DTYPES = ("float32", "bfloat16")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -38,7 +38,7 @@ LR_SCHEDULES = ("plateau", "none")
 @dataclass
 class TrainSettings:
     """Training hyper-parameters, taken from a training script's options (no defaults here: see the scripts;
-    the per-subject scripts leave out the last two, which only a pooled model can change)."""
+    `pooled` is set by the script from its `subjects`)."""
     epochs: int
     batch_size: int                   # global batch, split over ranks under torchrun
     lr: float
@@ -48,7 +48,6 @@ class TrainSettings:
     backbone: str                     # "alexnet"; "tiny" is a small stand-in for tests
     weights: str
     dropout: float                    # backbone dropout (AlexNet's classifier)
-    seed: int
     amp: bool                         # bfloat16 autocast on GPU
     cpu_bf16: bool                    # bfloat16 autocast on CPUs with bf16 instructions
     channels_last: bool
@@ -56,27 +55,29 @@ class TrainSettings:
     loader_workers: int               # DataLoader worker processes reading batches ahead
     resume: bool
     stop_after_epoch: int             # 0 = train all epochs
-    slim_finished: bool               # drop optimizer state from last.pt once done
+    keep_last: bool                   # keep last.pt (optimizer included) once done; else only best.pt stays
+    checkpoint_dtype: str             # float32 | bfloat16: the dtype of best.pt's weights (last.pt: float32)
+    subject_order: str                # pooled: batches of the subjects interleaved or one subject after another
     temperature: float | None = None  # CL only (a reg script has no such option)
     symmetric_loss: bool | None = None  # CL only
-    h_method: str = "subject"         # CL hidden size; the per-subject rule unless a pooled script sets it
-    subject_order: str = "interleaved"  # pooled: batches of the subjects interleaved or one subject after another
+    pooled_h_method: str | None = None  # pooled CL only: h = 5741 (constant) or the mean voxel count (average)
+    pooled: bool = False              # several subjects (the scripts' `subjects`): one model pooled over them
+    seed: int = 0                     # model init, batch order, dropout (the scripts loop over their `seeds`)
 
     @classmethod
-    def from_options(cls, script_options: dict) -> "TrainSettings":
-        return cls(**{f.name: script_options[f.name] for f in fields(cls) if f.name in script_options})
+    def from_options(cls, script_options: dict, pooled: bool = False) -> "TrainSettings":
+        return cls(**{f.name: script_options[f.name] for f in fields(cls) if f.name in script_options},
+                   pooled=pooled)
 
-
-def default_settings(method: str, pooled: bool = False, **overrides) -> TrainSettings:
-    """The settings a training script runs with by default (read from its OPTIONS block), overridden."""
-    name = ("pooled-" if pooled else "") + models.check_method(method)
-    script = Path(__file__).resolve().parent / TRAINING_SCRIPTS[name]
-    return TrainSettings.from_options({**options.script_defaults(script), **overrides})
+    @property
+    def h_method(self) -> str:
+        """The CL hidden-size rule: h = int(0.8 V) per subject; pooled_h_method for pooled models."""
+        return self.pooled_h_method if self.pooled else "subject"
 
 
 # settings that must match to resume a run (epochs may grow; speed settings may change)
 _RESUME_KEYS = ("batch_size", "lr", "lr_schedule", "temperature", "symmetric_loss", "lr_patience", "lr_factor",
-                "backbone", "weights", "dropout", "seed", "hflip", "h_method", "subject_order")
+                "backbone", "weights", "dropout", "seed", "hflip", "pooled_h_method", "subject_order")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,14 +124,15 @@ class RunState:
     finished_summary: dict | None = None   # set when last.pt is already final (killed before done.json)
 
 
-def _done_path(run_dir) -> Path:
-    return Path(run_dir) / "done.json"
-
-
 def read_done(run_dir) -> dict | None:
     """The summary of a finished run (run_dir/done.json), or None if it has not finished."""
-    path = _done_path(run_dir)
-    return json.loads(path.read_text()) if path.is_file() else None
+    path = paths.done_file(run_dir)
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise options.DataError(f"{path}: unreadable ({err}); delete it to retrain the model") from None
 
 
 def restore_or_init(method: str, sources, run_dir: Path, settings: TrainSettings, image_size: int,
@@ -147,7 +149,7 @@ def restore_or_init(method: str, sources, run_dir: Path, settings: TrainSettings
     scheduler = None if settings.lr_schedule == "none" else torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="min", factor=settings.lr_factor, patience=settings.lr_patience)
     state = RunState(model, optimizer, scheduler, history=[])
-    last_path = run_dir / "last.pt"
+    last_path = paths.checkpoint_file(run_dir, "last")
     if settings.resume and last_path.is_file():
         ckpt = models.load_checkpoint(last_path)
         _check_resumable(last_path, ckpt, method, settings, sources, image_size)
@@ -155,9 +157,8 @@ def restore_or_init(method: str, sources, run_dir: Path, settings: TrainSettings
             state.finished_summary = _summary(method, sources, "done", ckpt["metrics"], ckpt.get("best"))
             return state
         if "optimizer" not in ckpt:
-            raise options.DataError(f"{last_path}: finished run saved without optimizer state (slim_finished); it "
-                                  f"cannot be extended from {ckpt['epoch']} to {settings.epochs} epochs; "
-                                  "retrain with --resume=false")
+            raise options.DataError(f"{last_path}: saved without optimizer state; it cannot be extended from "
+                                    f"{ckpt['epoch']} to {settings.epochs} epochs; retrain with --resume=false")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         if scheduler is not None:
@@ -166,7 +167,7 @@ def restore_or_init(method: str, sources, run_dir: Path, settings: TrainSettings
         state.start_epoch, state.history, state.best = ckpt["epoch"], ckpt["metrics"], ckpt.get("best")
         state.status = "resumed"
     elif runtime.is_main:
-        _done_path(run_dir).unlink(missing_ok=True)  # a fresh run is not finished until it says so
+        paths.done_file(run_dir).unlink(missing_ok=True)  # a fresh run is not finished until it says so
     return state
 
 
@@ -254,7 +255,8 @@ def evaluate(method: str, model: nn.Module, loader, fmri: list, settings: TrainS
 
 def save_epoch(state: RunState, run_dir: Path, row: dict, t_epoch: float, method: str, settings: TrainSettings,
                sources, image_size: int, script_options: dict, runtime: Runtime) -> bool:
-    """Record one epoch: best.pt when val loss improved, last.pt (exact resume point) and log.csv. -> improved."""
+    """Record one epoch: best.pt when val loss improved (in settings.checkpoint_dtype), last.pt (the exact resume
+    point; after the final epoch only with keep_last) and log.csv. -> improved."""
     metric_name = VAL_METRIC[method]
     improved = state.best is None or row["val_loss"] < state.best["val_loss"]
     if improved:
@@ -265,16 +267,18 @@ def save_epoch(state: RunState, run_dir: Path, row: dict, t_epoch: float, method
             "n_val": [len(s.split["val"]) for s in sources]}
     where = dict(roi_voxel_indices=[s.voxel_indices for s in sources], subjects=[s.subject for s in sources])
     if runtime.is_main and improved:
-        models.save_checkpoint(run_dir / "best.pt", state.model, None, None, row["epoch"], script_options,
-                               metrics=state.history + [row], **where, **meta)
+        models.save_checkpoint(paths.checkpoint_file(run_dir, "best"), state.model, None, None, row["epoch"],
+                               script_options, metrics=state.history + [row], weights_dtype=settings.checkpoint_dtype,
+                               **where, **meta)
     row["epoch_s"] = time.perf_counter() - t_epoch  # training, validation and checkpoint writing
     state.history.append(row)
     if runtime.is_main:
-        slim = finished and settings.slim_finished
-        models.save_checkpoint(run_dir / "last.pt", state.model, None if slim else state.optimizer,
-                               None if slim else state.scheduler, row["epoch"], script_options,
-                               metrics=state.history, **where, **meta)
-        outputs.save_csv(run_dir / "log.csv", state.history, script_options)
+        # a run killed after this epoch but before done.json resumes from the previous last.pt and redoes it
+        if not finished or settings.keep_last:
+            models.save_checkpoint(paths.checkpoint_file(run_dir, "last"), state.model, state.optimizer,
+                                   state.scheduler, row["epoch"], script_options, metrics=state.history, **where,
+                                   **meta)
+        outputs.save_csv(paths.log_file(run_dir), state.history, script_options)
     return improved
 
 
@@ -302,10 +306,13 @@ def train_roi_model(method: str, sources, run_dir, settings: TrainSettings, scri
     done = read_done(run_dir) if settings.resume else None
     if done is not None and done.get("epochs", 0) >= settings.epochs:
         return {**done, "status": "done"}
+    if done is not None and not paths.checkpoint_file(run_dir, "last").is_file():
+        raise options.DataError(f"{run_dir}: finished after {done.get('epochs')} epochs without last.pt (keep_last="
+                                f"false), so it cannot be extended to {settings.epochs}; retrain with --resume=false")
     state = restore_or_init(method, sources, run_dir, settings, image_size, runtime)
     if state.finished_summary is not None:
         if runtime.is_main:
-            outputs.save_json(_done_path(run_dir), state.finished_summary, script_options)
+            _finish(run_dir, state.finished_summary, settings, script_options)
         runtime.barrier()
         return state.finished_summary
     train_model = state.model
@@ -319,7 +326,7 @@ def train_roi_model(method: str, sources, run_dir, settings: TrainSettings, scri
 
     fmri = [torch.from_numpy(np.ascontiguousarray(s.fmri, dtype=np.float32)).to(device) for s in sources]
     train_loader, val_loader = make_loaders(sources, settings, runtime)
-    names = [utils.subject_dir_name(s.subject) for s in sources]
+    names = [paths.subject_dir_name(s.subject) for s in sources]
     epoch_bar = tqdm(total=settings.epochs, initial=state.start_epoch, desc=desc or f"{method} {run_dir.name}",
                      unit="epoch", disable=not runtime.is_main)
     for epoch in range(state.start_epoch + 1, settings.epochs + 1):
@@ -349,9 +356,16 @@ def train_roi_model(method: str, sources, run_dir, settings: TrainSettings, scri
     epoch_bar.close()
     summary = _summary(method, sources, state.status, state.history, state.best)
     if runtime.is_main and state.history and state.history[-1]["epoch"] == settings.epochs:
-        outputs.save_json(_done_path(run_dir), summary, script_options)
+        _finish(run_dir, summary, settings, script_options)
     runtime.barrier()
     return summary
+
+
+def _finish(run_dir, summary: dict, settings: TrainSettings, script_options: dict) -> None:
+    """done.json, then (unless keep_last) last.pt goes: a finished model keeps one checkpoint, best.pt."""
+    outputs.save_json(paths.done_file(run_dir), summary, script_options)
+    if not settings.keep_last:
+        paths.checkpoint_file(run_dir, "last").unlink(missing_ok=True)
 
 
 def _check_trainable(run_dir, method, sources, settings, world):
@@ -372,6 +386,9 @@ def _check_trainable(run_dir, method, sources, settings, world):
         raise options.DataError("CL training needs a temperature (cl_model_training.py's option)")
     if settings.lr_schedule not in LR_SCHEDULES:
         raise options.DataError(f"lr_schedule={settings.lr_schedule!r}: expected one of {', '.join(LR_SCHEDULES)}")
+    if settings.checkpoint_dtype not in CHECKPOINT_DTYPES:
+        raise options.DataError(f"checkpoint_dtype={settings.checkpoint_dtype!r}: expected one of "
+                                f"{', '.join(CHECKPOINT_DTYPES)}")
     if settings.subject_order not in training_data.ORDERS:
         raise options.DataError(f"subject_order={settings.subject_order!r}: expected one of "
                               f"{', '.join(training_data.ORDERS)}")
@@ -412,9 +429,9 @@ def _check_resumable(path, ckpt, method, settings, sources, image_size):
 
 
 def parse_shard(text) -> tuple[int, int]:
-    """'i/n' (0 <= i < n) -> (i, n): take every n-th (hemisphere, ROI) job starting at job i."""
+    """'i/n' (0 <= i < n) -> (i, n): take every n-th job starting at job i."""
     try:
-        i, n = (int(t) for t in str(text).split("/"))
+        i, n = (int(x) for x in str(text).split("/"))
     except ValueError:
         raise options.DataError(f"--shard={text}: expected i/n with 0 <= i < n, e.g. 0/4") from None
     if not (n >= 1 and 0 <= i < n):
@@ -422,26 +439,18 @@ def parse_shard(text) -> tuple[int, int]:
     return i, n
 
 
-def sweep_jobs(hemispheres, rois, shard=(0, 1)) -> list[tuple[str, str]]:
-    """(hemisphere, ROI) jobs of a sweep ([] rois = all 31), this shard's share: jobs[i::n]."""
+def sweep_jobs(hemispheres, rois, seeds=(0,), shard=(0, 1)) -> list[tuple[str, str, int]]:
+    """(hemisphere, ROI, seed) jobs of a sweep ([] rois = all 31), this shard's share: jobs[i::n]."""
     hemispheres = [utils.check_hemisphere(h) for h in (hemispheres or utils.HEMISPHERES)]
     rois = utils.check_roi_names(rois) if rois else list(utils.ROI_NAMES)
-    jobs = [(h, r) for h in hemispheres for r in rois]
+    jobs = [(h, r, int(s)) for h in hemispheres for r in rois for s in check_seeds(seeds)]
     i, n = shard
     return jobs[i::n]
 
 
-def sweep_summary_path(out_dir, method: str, subject: int, shard=(0, 1)) -> Path:
-    """out_dir/models/{method}/subjXX/summary[_shard-i-of-n].csv."""
-    i, n = shard
-    name = "summary.csv" if n == 1 else f"summary_shard-{i}-of-{n}.csv"
-    return Path(out_dir) / "models" / method / utils.subject_dir_name(subject) / name
-
-
-def pooled_sweep_summary_path(out_dir, method: str, h_method: str | None = None, exclude_subject: int = 0,
-                              shard=(0, 1)) -> Path:
-    """out_dir/models/pooled-<method>/summary[_loso-subjXX][_shard-i-of-n].csv."""
-    i, n = shard
-    name = "summary" + (f"_loso-{utils.subject_dir_name(exclude_subject)}" if exclude_subject else "") \
-        + (f"_shard-{i}-of-{n}" if n > 1 else "") + ".csv"
-    return Path(out_dir) / "models" / models.pooled_method_name(method, h_method) / name
+def check_seeds(seeds) -> list[int]:
+    """The `seeds` option: distinct non-negative integers, at least one."""
+    seeds = [int(s) for s in seeds]
+    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
+        raise options.OptionsError(f"--seeds={seeds}: expected distinct non-negative integers, e.g. 0,1,2")
+    return seeds

@@ -53,19 +53,26 @@ def roi_source(subject_data: utils.Subject, hemi: str, roi: str) -> Source:
     return Source(subject_data.subject, subject_data.images, fmri, idx, subject_data.split)
 
 
-def pooled_candidates(data_dir, subjects=(), exclude_subject: int = 0) -> list[int]:
-    """The subjects a pooled model may use: those named ([] = every subject in data_dir) but exclude_subject
-    (0 = none), whose files are then never opened."""
-    found = utils.resolve_subjects(data_dir, list(subjects))
+def training_subjects(data_dir, subjects=(), exclude_subject: int = 0) -> tuple[list[int], bool]:
+    """(subjects, pooled) of a training script's `subjects`: one subject trains its own model; several, [] or
+    'all' (every subject in data_dir) one model pooled over them, but exclude_subject (0 = none), whose files are
+    then never opened."""
+    named = list(subjects)
+    found = utils.resolve_subjects(data_dir, named)
+    pooled = len(found) > 1 or not named or named in (["all"], ("all",))
+    if exclude_subject and not pooled:
+        raise options.OptionsError(f"--exclude_subject={exclude_subject}: leave-one-subject-out models are pooled; "
+                                   "give several subjects (--subjects=all)")
     if exclude_subject and int(exclude_subject) not in found:
         raise options.DataError(f"--exclude_subject={exclude_subject}: not among the subjects to pool {found}")
     kept = [s for s in found if s != int(exclude_subject)]
     if not kept:
-        raise options.DataError(f"{data_dir}: no subjects left to pool (subjects {found}, excluding {exclude_subject})")
-    return kept
+        raise options.DataError(f"{data_dir}: no subjects left to train on (subjects {found}, excluding "
+                                f"{exclude_subject})")
+    return kept, pooled
 
 
-def pooled_sources(subjects_data, hemi: str, roi: str) -> tuple[list[Source], dict]:
+def trainable_sources(subjects_data, hemi: str, roi: str) -> tuple[list[Source], dict]:
     """Sources of the subjects whose ROI has >= MIN_ROI_VOXELS voxels, and {subject: voxels} of those left out."""
     sources, skipped = [], {}
     for subject_data in subjects_data:

@@ -11,8 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
+import paths
 from options import DataError
 from outputs import atomic_path, save_json, sidecar_path, write_sidecar
+from paths import subject_dir_name
 
 
 # ---- ROIs ----
@@ -127,10 +129,6 @@ class SubjectPaths:
 
     def mapping_path(self, family: str) -> Path:
         return self.roi_dir / f"mapping_{family}.npy"
-
-
-def subject_dir_name(subject: int) -> str:
-    return f"subj{int(subject):02d}"
 
 
 def find_subject(data_dir, subject: int) -> SubjectPaths:
@@ -382,24 +380,29 @@ def make_split(image_paths, seed: int = 0, fractions=(0.75, 0.10, 0.15)) -> dict
         raise DataError(f"split fractions {fractions.tolist()}: expected three non-negative numbers summing to 1")
     n = len(image_paths)
     ids = nsd_ids(image_paths)
-    if ids is not None and ids.max(initial=0) < _NSD_ID_SPACE and len(np.unique(ids)) == n:
-        rank = np.random.default_rng(seed).permutation(_NSD_ID_SPACE)[ids]
-        u = rank / _NSD_ID_SPACE
+    if ids is not None:
+        if len(np.unique(ids)) != n:
+            raise DataError(f"{Path(image_paths[0]).parent}: an NSD id occurs in two training image names; "
+                            "expected one image per id (train-NNNN_nsd-NNNNN.png)")
+        u = np.empty(n)
+        nsd = ids < _NSD_ID_SPACE
+        u[nsd] = np.random.default_rng(seed).permutation(_NSD_ID_SPACE)[ids[nsd]] / _NSD_ID_SPACE
+        # an id beyond NSD's 73,000 (other data in this layout) draws from a generator keyed by the id alone,
+        # so it too lands in the same split for every subject
+        u[~nsd] = [np.random.default_rng([seed, int(i)]).random() for i in ids[~nsd]]
     else:
+        print(f"note: {Path(image_paths[0]).parent if n else 'images'}: no NSD ids in the file names; the split is "
+              "drawn per subject over file order (images shared by subjects may land in different splits)")
         u = np.random.default_rng(seed).permutation(n) / max(n, 1)
     edges = np.cumsum(fractions)
     which = np.searchsorted(edges, u, side="right").clip(0, 2)
     return {name: np.flatnonzero(which == i) for i, name in enumerate(SPLIT_NAMES)}
 
 
-def split_path(out_dir, subject: int) -> Path:
-    return Path(out_dir) / "splits" / f"{subject_dir_name(subject)}_split.json"
-
-
 def get_split(out_dir, subject: int, image_paths, seed: int = 0,
               fractions=(0.75, 0.10, 0.15)) -> dict[str, np.ndarray]:
     """Read the subject's split from out_dir, writing it the first time; every stage uses this one."""
-    path = split_path(out_dir, subject)
+    path = paths.split_file(out_dir, subject)
     names = [Path(p).name for p in image_paths]
     if path.is_file():
         saved = json.loads(path.read_text())
@@ -430,15 +433,11 @@ def decode_image(path, size: int) -> np.ndarray:
     return arr.transpose(2, 0, 1)
 
 
-def image_cache_path(out_dir, subject: int, size: int, tag: str = "train") -> Path:
-    return Path(out_dir) / "image_cache" / f"{subject_dir_name(subject)}_{tag}_{size}px.npy"
-
-
 def load_image_cache(out_dir, subject: int, image_paths, size: int = 224, tag: str = "train",
                      workers: int | None = None) -> np.ndarray:
     """Memory-map the subject's decoded images, building the cache first if it is missing or stale."""
     from tqdm import tqdm
-    path = image_cache_path(out_dir, subject, size, tag)
+    path = paths.image_cache_file(out_dir, subject, size, tag)
     key = {"size": size, "images": [Path(p).name for p in image_paths],
            "bytes": [Path(p).stat().st_size for p in image_paths]}
     meta_path = sidecar_path(path)

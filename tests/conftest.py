@@ -26,6 +26,14 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+def default_settings(method: str, pooled: bool = False, **overrides):
+    """The TrainSettings a training script runs with by default (read from its OPTIONS block), overridden."""
+    import options
+    import training
+    defaults = options.script_defaults(REPO / f"{method}_model_training.py")
+    return training.TrainSettings.from_options({**defaults, **overrides}, pooled)
+
+
 def run_script(script: str, *args: str) -> str:
     """Run a pipeline script in this process (no interpreter and torch start-up per run); return its stdout.
 

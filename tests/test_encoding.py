@@ -9,6 +9,7 @@ from sklearn.decomposition import PCA
 from sklearn.linear_model import Ridge, RidgeCV
 
 import encoding
+import pca
 import make_demo_data
 
 GRID = np.logspace(-1, 4, 6)
@@ -285,15 +286,13 @@ def test_challenge_score_matches_a_plain_loop():
 def test_fit_pca_train_only_and_capped():
     rng = np.random.default_rng(5)
     X = (rng.normal(size=(80, 6)) @ rng.normal(size=(6, 300)) * 3 + rng.normal(size=(80, 300))).astype(np.float32)
-    pca = encoding.fit_pca(X[:60], n_components=1000, seed=0)
+    fitted = pca.fit(X[:60], n_components=1000, seed=0)
     # capped at the 60 train images; 60 centred rows have rank 59, the zero-variance direction is left out
-    assert pca.n_components_ == 59 and pca.transform(X[60:]).shape == (20, 59)
+    assert fitted.n_components_ == 59 and fitted.transform(X[60:]).shape == (20, 59)
     exact = PCA(n_components=6, svd_solver="full").fit(X[:60])
-    np.testing.assert_allclose(pca.explained_variance_[:6], exact.explained_variance_, rtol=1e-3)
-    again = encoding.fit_pca(X[:60], n_components=5, seed=0).transform(X[60:])
-    np.testing.assert_array_equal(again, encoding.fit_pca(X[:60], n_components=5, seed=0).transform(X[60:]))
-
-
+    np.testing.assert_allclose(fitted.explained_variance_[:6], exact.explained_variance_, rtol=1e-3)
+    again = pca.fit(X[:60], n_components=5, seed=0).transform(X[60:])
+    np.testing.assert_array_equal(again, pca.fit(X[:60], n_components=5, seed=0).transform(X[60:]))
 
 
 def test_torch_pca_matches_sklearn_and_pca_arrays_round_trip():
@@ -301,15 +300,15 @@ def test_torch_pca_matches_sklearn_and_pca_arrays_round_trip():
     rng = np.random.default_rng(6)
     X = (rng.normal(size=(200, 12)) @ rng.normal(size=(12, 400)) * np.logspace(0, -1, 400)
          + 0.05 * rng.normal(size=(200, 400))).astype(np.float32)
-    ours = encoding.TorchPCA(8, seed=0, device="cpu").fit(X[:150])
+    ours = pca.TorchPCA(8, seed=0, device="cpu").fit(X[:150])
     reference = PCA(n_components=8, svd_solver="full").fit(X[:150])
     # well-separated spectrum: the randomized range finder recovers it to float32 precision
     np.testing.assert_allclose(ours.explained_variance_, reference.explained_variance_, rtol=1e-4)
     projected = reference.transform(X[150:])
     # components are recovered to ~1e-4 relative (randomized vs exact SVD), so scores to 1e-4 of their scale
     np.testing.assert_allclose(ours.transform(X[150:]), projected, atol=3e-4 * np.abs(projected).max())
-    fitted = encoding.fit_pca(X[:150], 8, seed=0)
-    restored = encoding.pca_from_arrays(encoding.pca_arrays(fitted))
+    fitted = pca.fit(X[:150], 8, seed=0)
+    restored = pca.from_arrays(pca.arrays(fitted))
     np.testing.assert_array_equal(restored.transform(X[150:]), fitted.transform(X[150:]))
 
 
@@ -317,10 +316,24 @@ def test_gram_pca_of_few_images_equals_sklearns_exact_pca():
     """Few images, wide layer: the Gram-matrix PCA against scikit-learn's exact (LAPACK SVD) PCA."""
     rng = np.random.default_rng(7)
     X = (rng.normal(size=(40, 8)) @ rng.normal(size=(8, 300)) + 0.1 * rng.normal(size=(40, 300))).astype(np.float64)
-    ours = encoding.fit_pca(X[:30], n_components=1000)                     # capped at 30 images: the Gram path
+    ours = pca.fit(X[:30], n_components=1000)                     # capped at 30 images: the Gram path
     reference = PCA(n_components=29, svd_solver="full").fit(X[:30])         # 30 centred rows have rank 29
     assert ours.n_components_ == 29                                          # the zero-variance direction left out
     np.testing.assert_allclose(ours.explained_variance_, reference.explained_variance_, rtol=1e-8)
     # float64 throughout: agreement to ~1e-10 of the scores' scale on the well-conditioned leading components
     scale = np.abs(reference.transform(X[30:])).max()
     np.testing.assert_allclose(ours.transform(X[30:])[:, :8], reference.transform(X[30:])[:, :8], atol=1e-8 * scale)
+
+
+def test_val_fold_scores_equal_a_fit_scored_on_each_fold_alone(data):
+    folds = np.random.default_rng(3).permutation(np.arange(len(data["X_val"])) % 2)
+    fit = encoding.fit_ridge(data["X_train"], data["Y_train"], data["X_val"], data["Y_val"], compute_coef=False,
+                             val_folds=folds)
+    assert fit.val_fold_scores_.shape == (2, len(encoding.ALPHAS), data["Y_train"].shape[1])
+    for f in (0, 1):
+        alone = encoding.fit_ridge(data["X_train"], data["Y_train"], data["X_val"][folds == f],
+                                   data["Y_val"][folds == f], compute_coef=False)
+        # float32 matmuls over ~100 rows: r agrees to ~1e-6
+        np.testing.assert_allclose(fit.val_fold_scores_[f], alone.val_scores_, atol=1e-5)
+    np.testing.assert_allclose(fit.val_scores_, encoding.fit_ridge(data["X_train"], data["Y_train"], data["X_val"],
+                                                                   data["Y_val"], compute_coef=False).val_scores_)

@@ -21,6 +21,7 @@ import torchvision
 import features
 import models
 import options
+import paths
 import runtime
 import training
 
@@ -127,7 +128,7 @@ def test_alexnet_models_and_their_tuned_backbone(tmp_path):
     x = torch.randn(2, 3, 64, 64)  # AlexNet's conv stack needs >= 63 px
     f, g = cl(x, torch.randn(2, 50))
     assert f.shape == g.shape == (2, 10)
-    path = models.checkpoint_path(tmp_path, "cl", 1, "lh", "V1v")
+    path = paths.checkpoint_file(paths.model_dir(tmp_path, "cl", "lh", "V1v", subject=1))
     models.save_checkpoint(path, cl, roi_voxel_indices=np.arange(50), subjects=[1])
     backbone = models.load_tuned_backbone(path)
     assert isinstance(backbone, torchvision.models.AlexNet)
@@ -254,8 +255,8 @@ def test_checkpoint_round_trip_per_subject_and_pooled(tmp_path):
     models.contrastive_loss(f, g, 0.3).backward()
     optimizer.step()
     scheduler.step(1.0)
-    path = models.checkpoint_path(tmp_path, "cl", 3, "rh", "FFA-1", "last")
-    assert path == tmp_path / "models" / "cl" / "subj03" / "rh" / "FFA-1" / "last.pt"
+    path = paths.checkpoint_file(paths.model_dir(tmp_path, "cl", "rh", "FFA-1", subject=3, seed=2), "last")
+    assert path == tmp_path / "models" / "alexnet" / "cl" / "subj03" / "rh" / "FFA-1" / "seed2" / "last.pt"
     script_options = {"epochs": 2, "rois": ["V1v"], "out_dir": Path("x")}
     metrics = [{"epoch": 1, "val_loss": np.float32(0.5)}]
     models.save_checkpoint(path, model, optimizer, scheduler, 1, script_options, np.array([4, 5, 9]), metrics, subjects=[3],
@@ -280,13 +281,14 @@ def test_checkpoint_round_trip_per_subject_and_pooled(tmp_path):
 
     # pooled: the subjects and each one's voxels travel with it; the loaders rebuild it from its model_spec
     pooled = models.build_model("reg", [30, 20], "none", backbone="tiny").eval()
-    pooled_path = models.pooled_checkpoint_path(tmp_path, "reg", "lh", "PPA", exclude_subject=4)
-    assert pooled_path == tmp_path / "models" / "pooled-reg" / "lh" / "PPA" / "loso-subj04" / "best.pt"
-    assert models.checkpoint_path(tmp_path, "pooled-reg-loso", 4, "lh", "PPA") == pooled_path
-    assert models.checkpoint_path(tmp_path, "pooled-cl-hconst", 4, "lh", "PPA", "last") == \
-        tmp_path / "models" / "pooled-cl-hconst" / "lh" / "PPA" / "last.pt"
-    assert models.pooled_checkpoint_path(tmp_path, "cl", "rh", "V1v", h_method="average").parent.parent.parent.name \
-        == "pooled-cl-havg"
+    pooled_path = paths.checkpoint_file(paths.model_dir(tmp_path, "reg", "lh", "PPA", exclude_subject=4,
+                                                        backbone="timm:resnet18"))
+    assert pooled_path == tmp_path / "models" / "timm-resnet18" / "pooled-reg" / "lh" / "PPA" / "loso-subj04" / \
+        "seed0" / "best.pt"
+    assert paths.model_dir(tmp_path, "cl", "rh", "V1v", pooled_h_method="average").parts[-4:] == \
+        ("pooled-cl-havg", "rh", "V1v", "seed0")
+    with pytest.raises(options.OptionsError, match="pooled_h_method"):
+        paths.model_dir(tmp_path, "cl", "rh", "V1v", pooled_h_method="subject")
     models.save_checkpoint(pooled_path, pooled, roi_voxel_indices=[np.arange(30), np.arange(5, 25)], subjects=[1, 2])
     raw = models.load_checkpoint(pooled_path)
     assert raw["subjects"] == [1, 2] and [len(i) for i in raw["roi_voxel_indices"]] == [30, 20]
@@ -299,13 +301,33 @@ def test_checkpoint_round_trip_per_subject_and_pooled(tmp_path):
     torch.save({**raw, "format": "roi_model_v1"}, tmp_path / "old.pt")
     with pytest.raises(options.DataError, match="roi_model_v1: retrain"):
         models.load_checkpoint(tmp_path / "old.pt")
+    # a pickle with Python objects is refused without PyTorch's advice to unpickle it anyway
+    torch.save({"format": models.CHECKPOINT_FORMAT, "thing": Path("x")}, tmp_path / "foreign.pt")
+    with pytest.raises(options.DataError, match="not a checkpoint of this repo") as err:
+        models.load_checkpoint(tmp_path / "foreign.pt")
+    assert "weights_only" not in str(err.value)
+
+
+def test_bfloat16_checkpoint_halves_the_weights_and_loads_as_float32(tmp_path):
+    torch.manual_seed(0)
+    model = models.build_model("reg", 40, "none").eval()
+    full, half = tmp_path / "full.pt", tmp_path / "half.pt"
+    models.save_checkpoint(full, model, roi_voxel_indices=np.arange(40), subjects=[1])
+    models.save_checkpoint(half, model, roi_voxel_indices=np.arange(40), subjects=[1], weights_dtype="bfloat16")
+    assert 0.45 < half.stat().st_size / full.stat().st_size < 0.55
+    loaded = models.load_roi_model(half)
+    for key, value in model.state_dict().items():
+        got = loaded.state_dict()[key]
+        assert got.dtype == value.dtype
+        if value.is_floating_point():  # bfloat16 keeps 8 bits of mantissa: relative error <= 2^-8
+            assert torch.allclose(got, value, rtol=2 ** -8, atol=0)
 
 
 def test_sweep_shards_cover_every_job_once():
-    every = training.sweep_jobs(["lh", "rh"], [])
-    assert len(every) == 62 and len(set(every)) == 62
-    for n in (1, 2, 3, 5, 62, 70):
-        shards = [training.sweep_jobs(["lh", "rh"], [], training.parse_shard(f"{i}/{n}")) for i in range(n)]
+    every = training.sweep_jobs(["lh", "rh"], [], seeds=[0, 3])
+    assert len(every) == 124 and len(set(every)) == 124 and {s for _, _, s in every} == {0, 3}
+    for n in (1, 2, 3, 5, 62, 130):
+        shards = [training.sweep_jobs(["lh", "rh"], [], [0, 3], training.parse_shard(f"{i}/{n}")) for i in range(n)]
         flat = [job for shard in shards for job in shard]
         assert sorted(flat) == sorted(every) and len(flat) == len(every)
     for bad in ("2/2", "1", "a/b", "-1/3"):
@@ -315,6 +337,9 @@ def test_sweep_shards_cover_every_job_once():
         training.sweep_jobs(["lh"], ["FFA-9"])
     with pytest.raises(options.DataError, match="hemisphere"):
         training.sweep_jobs(["left"], ["V1v"])
+    for bad in ([], [1, 1], [-1]):
+        with pytest.raises(options.OptionsError, match="seeds"):
+            training.sweep_jobs(["lh"], ["V1v"], bad)
 
 
 def test_bf16_autocast_training_step_is_finite():

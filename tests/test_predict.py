@@ -8,6 +8,7 @@ import torch
 
 import features
 import models
+import paths
 import utils
 from conftest import make_tiny_dataset, run_script as run
 
@@ -54,10 +55,10 @@ def test_untuned_submission_equals_an_independent_sklearn_pipeline(untuned_submi
     from sklearn.linear_model import Ridge
     import encoding
     root, out = untuned_submission["root"], untuned_submission["out"]
-    paths = utils.find_subject(root, 1)
-    split = utils.get_split(out, 1, utils.list_images(paths.train_images))
-    train_cache = utils.load_image_cache(out, 1, utils.list_images(paths.train_images), size=64)
-    test_files = utils.list_images(paths.test_images)      # file order = the submission's row order
+    subject_files = utils.find_subject(root, 1)
+    split = utils.get_split(out, 1, utils.list_images(subject_files.train_images))
+    train_cache = utils.load_image_cache(out, 1, utils.list_images(subject_files.train_images), size=64)
+    test_files = utils.list_images(subject_files.test_images)      # file order = the submission's row order
     test_images = np.stack([utils.decode_image(p, 64) for p in test_files])
     backbone = features.load_backbone("untuned:none", "cpu")
     layers = LAYERS.split(",")
@@ -73,7 +74,7 @@ def test_untuned_submission_equals_an_independent_sklearn_pipeline(untuned_submi
         scale = np.sqrt(np.mean(np.var(x[split["train"]].astype(np.float64), axis=0)))
         sets[layer] = (x / scale, xt / scale)
     for hemi in utils.HEMISPHERES:
-        y = np.load(paths.fmri[hemi]).astype(np.float64)
+        y = np.load(subject_files.fmri[hemi]).astype(np.float64)
         y_train, y_val = y[split["train"]], y[split["val"]]
         val_r = np.array([[_val_r(y_val, Ridge(alpha=a).fit(sets[layer][0][split["train"]], y_train)
                                   .predict(sets[layer][0][split["val"]])) for a in encoding.ALPHAS] for layer in layers])
@@ -107,17 +108,18 @@ def test_a_vertex_covered_by_a_planted_tuned_backbone_picks_it(tmp_path):
     tuned.backbone.load_state_dict(untuned.state_dict())
     with torch.no_grad():  # the "fine-tuning" changed conv2 only
         tuned.backbone.features[3].weight.copy_(torch.randn_like(tuned.backbone.features[3].weight) * 0.05)
-    paths = utils.find_subject(root, 1)
-    ffa = utils.roi_voxel_indices(paths, "lh")["FFA-1"]
-    models.save_checkpoint(models.checkpoint_path(out, "cl", 1, "lh", "FFA-1"), tuned, roi_voxel_indices=ffa,
+    subject_files = utils.find_subject(root, 1)
+    ffa = utils.roi_voxel_indices(subject_files, "lh")["FFA-1"]
+    models.save_checkpoint(paths.model_dir(out, "cl", "lh", "FFA-1", subject=1) / "best.pt", tuned,
+                           roi_voxel_indices=ffa,
                            subjects=[1], method="cl")
-    cache = utils.load_image_cache(out, 1, utils.list_images(paths.train_images), size=64)
+    cache = utils.load_image_cache(out, 1, utils.list_images(subject_files.train_images), size=64)
     readout = features.extract_features(tuned.backbone.eval(), cache, None, ["features.5"])["features.5"]
     scores = np.linalg.svd(readout - readout.mean(0), full_matrices=False)[0][:, :5]
-    fmri = np.load(paths.fmri["lh"])
+    fmri = np.load(subject_files.fmri["lh"])
     rng = np.random.default_rng(0)
     fmri[:, ffa] = (scores @ rng.normal(size=(5, len(ffa)))) / scores.std() + 0.3 * rng.normal(size=(120, len(ffa)))
-    np.save(paths.fmri["lh"], fmri.astype(np.float32))
+    np.save(subject_files.fmri["lh"], fmri.astype(np.float32))
     common = [f"--data_dir={root}", f"--out_dir={out}", *TINY]
     run("get_best_alex_layer.py", *common, "--hemispheres=lh")
     run("predict_test_images.py", *common, f"--submission_dir={tmp_path / 'sub'}", "--hemispheres=lh",

@@ -15,6 +15,7 @@ import encoding
 import features
 import models
 import outputs
+import paths
 import study
 import utils
 from conftest import REPO, make_tiny_dataset, run_script as run
@@ -32,18 +33,18 @@ def plant_layer_signal(root, out, layer: str, subjects=(1,), noise: float = 0.3,
     rng = np.random.default_rng(seed)
     backbone = backbone if backbone is not None else features.load_backbone("untuned:none", "cpu")
     for subject in subjects:
-        paths = utils.find_subject(root, subject)
-        images = utils.list_images(paths.train_images)
+        subject_files = utils.find_subject(root, subject)
+        images = utils.list_images(subject_files.train_images)
         cache = utils.load_image_cache(out, subject, images, size=64)
         feats = features.extract_features(backbone, cache, None, [layer], batch_size=64, device="cpu")[layer]
         # A readout of the layer's top 10 principal components: what PCA + ridge on that layer can recover.
         centred = feats - feats.mean(0)
         scores = np.linalg.svd(centred, full_matrices=False)[0][:, :10]
         for hemi in utils.HEMISPHERES:
-            width = np.load(paths.fmri[hemi], mmap_mode="r").shape[1]
+            width = np.load(subject_files.fmri[hemi], mmap_mode="r").shape[1]
             signal = scores @ rng.normal(size=(10, width))
             signal /= signal.std(0)
-            np.save(paths.fmri[hemi], (signal + noise * rng.normal(size=signal.shape)).astype(np.float32))
+            np.save(subject_files.fmri[hemi], (signal + noise * rng.normal(size=signal.shape)).astype(np.float32))
 
 
 def test_best_layer_recovers_the_planted_layer(tmp_path):
@@ -52,15 +53,16 @@ def test_best_layer_recovers_the_planted_layer(tmp_path):
     layers = "features.2,features.5,features.12,classifier.6"
     run("get_best_alex_layer.py", f"--data_dir={root}", f"--out_dir={tmp_path / 'out'}", "--hemispheres=lh",
         f"--layers={layers}", *TINY)
-    folder = tmp_path / "out" / "best_layer" / "subj01"
-    best = json.loads((folder / "lh_best_layer.json").read_text())
+    search_file = paths.search_file(tmp_path / "out", 1, "lh")
+    assert search_file == tmp_path / "out" / "searches" / "alexnet" / "untuned" / "subj01" / "lh.json"
+    saved = json.loads(search_file.read_text())
+    best = {roi: e["layer"] for roi, e in saved["rois"].items() if e["layer"]}
     nonempty = [r for r in utils.ROI_NAMES if r not in ("mTL-bodies", "mTL-faces", "aTL-faces", "mTL-words")]
-    assert sorted(best) == sorted(nonempty)  # empty ROIs are left out, never a crash
+    assert sorted(best) == sorted(nonempty)  # empty ROIs have no layer, never a crash
     assert set(best.values()) == {"features.5"}
-    scores = np.load(folder / "lh_layer_roi_scores.npy")
-    assert scores.shape == (4, 31)
-    assert np.isnan(scores[:, list(utils.ROI_NAMES).index("mTL-faces")]).all()
-    assert (folder / "lh_layer_roi_scores.png").stat().st_size > 10_000
+    assert saved["layers"] == layers.split(",") and saved["key"]["selection"] == "val-halves-crossfit"
+    assert all(v is None for v in saved["rois"]["mTL-faces"]["scores"].values())
+    assert search_file.with_suffix(".png").stat().st_size > 10_000
 
 
 def test_test_split_never_reaches_fitting_or_selection(tmp_path):
@@ -68,16 +70,16 @@ def test_test_split_never_reaches_fitting_or_selection(tmp_path):
     clean = make_tiny_dataset(tmp_path / "clean", subjects=(1,), n_images=96)
     poisoned = tmp_path / "poisoned"
     shutil.copytree(clean, poisoned)
-    paths = utils.find_subject(poisoned, 1)
-    images = utils.list_images(paths.train_images)
+    subject_files = utils.find_subject(poisoned, 1)
+    images = utils.list_images(subject_files.train_images)
     test_rows = utils.make_split(images)["test"]
     rng = np.random.default_rng(1)
     for i in test_rows:
         Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(images[i])
     for hemi in utils.HEMISPHERES:
-        fmri = np.load(paths.fmri[hemi])
+        fmri = np.load(subject_files.fmri[hemi])
         fmri[test_rows] = 50 * rng.normal(size=fmri[test_rows].shape)
-        np.save(paths.fmri[hemi], fmri)
+        np.save(subject_files.fmri[hemi], fmri)
 
     outputs = {}
     for name, root in (("clean", clean), ("poisoned", poisoned)):
@@ -87,11 +89,10 @@ def test_test_split_never_reaches_fitting_or_selection(tmp_path):
         run("cl_model_training.py", f"--data_dir={root}", f"--out_dir={out}", "--roi=FFA-1", "--epochs=2",
             "--batch_size=24", *TINY)
         outputs[name] = out
-    for name in ("lh_layer_roi_scores.npy",):
-        np.testing.assert_array_equal(np.load(outputs["clean"] / "best_layer" / "subj01" / name),
-                                      np.load(outputs["poisoned"] / "best_layer" / "subj01" / name))
-    a = models.load_checkpoint(models.checkpoint_path(outputs["clean"], "cl", 1, "lh", "FFA-1"))
-    b = models.load_checkpoint(models.checkpoint_path(outputs["poisoned"], "cl", 1, "lh", "FFA-1"))
+    searched = [json.loads(paths.search_file(outputs[name], 1, "lh").read_text())["rois"] for name in outputs]
+    assert searched[0] == searched[1]
+    a, b = (models.load_checkpoint(paths.model_dir(outputs[name], "cl", "lh", "FFA-1", subject=1) / "best.pt")
+            for name in ("clean", "poisoned"))
     for key, tensor in a["model"].items():
         assert np.array_equal(tensor.numpy(), b["model"][key].numpy()), key
 
@@ -113,12 +114,13 @@ def pipeline(tmp_path_factory):
     run("get_best_alex_layer.py", *common, "--hemispheres=lh", "--layers=features.5,features.12,classifier.6")
     for subject in (1, 2):
         for method in ("cl", "reg"):
-            run(f"{method}_model_training_all_rois.py", *common, f"--subject={subject}", "--hemispheres=lh",
+            run(f"{method}_model_training_all_rois.py", *common, f"--subjects={subject}", "--hemispheres=lh",
                 "--rois=FFA-1", "--epochs=1", "--batch_size=24")
+    run("get_best_alex_layer.py", *common, "--hemispheres=lh", "--layers=features.5,features.12,classifier.6")
     proc = run("generate_results.py", *common, f"--results_dir={results}", "--hemispheres=lh",
                "--layers=features.5,features.12,classifier.6",
                "--rois=FFA-1,V1v,mTL-faces", "--cross_subj_rois=FFA-1", "--classification_rois=FFA-1",
-               "--n_bootstrap=50", "--classification_max_per_class=16")
+               "--n_bootstrap=50", "--classification_max_per_class=16", f"--classification_root={root / 'imagefolder'}")
     return {"root": root, "out": out, "results": results, "stdout": proc}
 
 
@@ -157,9 +159,10 @@ def test_untuned_score_matches_sklearn_and_scipy(pipeline):
     from sklearn.linear_model import Ridge
     root, out = pipeline["root"], pipeline["out"]
     alphas = list(encoding.ALPHAS)  # the grid generate_results.py used (its default)
-    encoding_study = study.EncodingStudy(root, out, ["lh"], "none", 64, 0, 1000, 0, 64, "per-voxel", alphas,
-                                         "best", "best", "cpu")
-    layer = study.load_best_layers(out, 1, "lh")["FFA-1"]
+    encoding_study = study.EncodingStudy(study.StudySettings(
+        str(root), str(out), ("lh",), weights="none", image_size=64, layers=("features.5", "features.12",
+                                                                              "classifier.6"), device="cpu"))
+    layer = encoding_study.layer_of("untuned", 1, "lh", "FFA-1")
     feats = encoding.unit_scale(encoding_study.features(1, "untuned:none", [layer])[layer])
     d = encoding_study.subject(1)
     idx, split = d.roi_voxel_indices["lh"]["FFA-1"], d.split
@@ -198,13 +201,21 @@ def test_classification_probe(pipeline):
     assert (pipeline["results"] / "classification" / "classification_imagefolder.png").is_file()
 
 
-def test_missing_best_layer_is_one_clear_error(tmp_path):
+def test_missing_or_corrupt_layer_search_is_one_clear_error(tmp_path):
     root = make_tiny_dataset(tmp_path / "data", subjects=(1,))
-    proc = subprocess.run([sys.executable, str(REPO / "generate_results.py"), f"--data_dir={root}",
-                           f"--out_dir={tmp_path / 'out'}", f"--results_dir={tmp_path / 'R'}", *TINY],
-                          capture_output=True, text=True)
+    command = [sys.executable, str(REPO / "generate_results.py"), f"--data_dir={root}", f"--out_dir={tmp_path / 'out'}",
+               f"--results_dir={tmp_path / 'R'}", "--result_type=single-subj", *TINY]
+    proc = subprocess.run(command, capture_output=True, text=True)
     assert proc.returncode == 1
-    assert "lh_best_layer.json: not found; run get_best_alex_layer.py for subject 1 first" in proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]  # (after the image cache's progress bar)
+    assert line.startswith("error: ") and "lh.json: no layer search; run get_best_alex_layer.py " \
+        "--feature_sets=untuned --subjects=1" in line
+    search_file = paths.search_file(tmp_path / "out", 1, "lh")
+    search_file.parent.mkdir(parents=True)
+    search_file.write_text("{not json")
+    proc = subprocess.run(command, capture_output=True, text=True)
+    assert proc.returncode == 1 and proc.stderr.strip().startswith(f"error: {search_file}: unreadable layer search")
+    assert "\n" not in proc.stderr.strip() and not (tmp_path / "R").exists()
     assert not (tmp_path / "R").exists()
 
 
@@ -220,7 +231,8 @@ def test_tuned_layer_search_finds_a_conv_layer_gain(tmp_path):
     with torch.no_grad():  # "fine-tuning" moved conv2 (the layer under features.5) and nothing else
         tuned_cl.backbone.features[3].weight.copy_(torch.randn_like(tuned_cl.backbone.features[3].weight) * 0.05)
     ffa = utils.roi_voxel_indices(utils.find_subject(root, 1), "lh")["FFA-1"]
-    models.save_checkpoint(models.checkpoint_path(out, "cl", 1, "lh", "FFA-1"), tuned_cl, roi_voxel_indices=ffa,
+    run_dir = paths.model_dir(out, "cl", "lh", "FFA-1", subject=1)
+    models.save_checkpoint(run_dir / "best.pt", tuned_cl, roi_voxel_indices=ffa,
                            method="cl", n_voxels=30)
     plant_layer_signal(root, out, "features.5", backbone=tuned_cl.backbone.eval())
     common = [f"--data_dir={root}", f"--out_dir={out}", "--hemispheres=lh", *TINY,
@@ -234,8 +246,8 @@ def test_tuned_layer_search_finds_a_conv_layer_gain(tmp_path):
         rows[tuned_layer] = read_csv(results / "subj01" / "single_subj_lh.csv")[0]
     best, logits = rows["best"], rows["classifier.6"]
     assert best["layer_cl"] == "features.5" and logits["layer_cl"] == "classifier.6"
-    search = json.loads((out / "best_layer" / "subj01" / "lh_best_layer_cl.json").read_text())["FFA-1"]
-    assert search["layer"] == "features.5" and len(search["val_r"]) == 4
+    search = json.loads(paths.search_file(out, 1, "lh", run_dir=run_dir).read_text())["rois"]["FFA-1"]
+    assert search["layer"] == "features.5" and len(search["scores"]) == 4
     # the planted readout is recovered from the tuned conv layer, not from the logits or the untuned net
     assert float(best["median_r_cl"]) > float(logits["median_r_cl"]) + 0.1
     assert float(best["median_r_cl"]) > float(best["median_r_untuned"]) + 0.03

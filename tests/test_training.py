@@ -21,17 +21,18 @@ import torch
 
 import models
 import options
+import paths
 import runtime
 import training
 import training_data
 import utils
-from conftest import make_tiny_dataset, run_script
+from conftest import default_settings, make_tiny_dataset, run_script
 from test_models import reference_cl_loss
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 32  # the PNG size; the tiny backbone takes any size >= 4 px
 # float32 on CPU (cpu_bf16=False) so runs can be compared to tight tolerances
-FAST = training.default_settings("cl", epochs=3, batch_size=12, lr=1e-3, backbone="tiny", weights="none",
+FAST = default_settings("cl", epochs=3, batch_size=12, lr=1e-3, backbone="tiny", weights="none",
                                  dropout=0.0, cpu_bf16=False)
 COMMON_ARGS = ["--weights=none", "--backbone=tiny", f"--image_size={SIZE}", "--batch_size=12", "--num_threads=1",
                "--cpu_bf16=false", "--device=cpu"]
@@ -215,13 +216,14 @@ def test_cl_and_reg_learn_the_signal_roi(tiny, cl_run):
     best_epoch = int(min(log, key=lambda r: r["val_loss"])["epoch"])
     assert summary["best_epoch"] == best_epoch
     assert models.load_checkpoint(run_dir / "best.pt")["epoch"] == best_epoch
-    last = models.load_checkpoint(run_dir / "last.pt")
-    assert last["done"] and "optimizer" not in last  # slim_finished
-    assert last["subjects"] == [1] and last["model_spec"]["hidden"] == 24
+    assert not (run_dir / "last.pt").exists()  # a finished model keeps one checkpoint (keep_last=false)
+    best = models.load_checkpoint(run_dir / "best.pt")
+    assert best["subjects"] == [1] and best["model_spec"]["hidden"] == 24 and "optimizer" not in best
     assert training.read_done(run_dir)["epochs"] == 3
 
     reg_dir = tiny["root"] / "runs" / "reg_learn"
-    train(tiny, "reg", "FFA-1", reg_dir, replace(FAST, epochs=2))
+    train(tiny, "reg", "FFA-1", reg_dir, replace(FAST, epochs=2, keep_last=True))
+    assert "optimizer" in models.load_checkpoint(reg_dir / "last.pt")  # kept whole: the run can be extended
     reg_log = read_log(reg_dir)
     assert reg_log[-1]["train_loss"] < reg_log[0]["train_loss"]
     # deterministic check (no dropout, no BatchNorm): training-set MSE of the tuned model < of the initial one
@@ -264,7 +266,8 @@ def test_lr_schedules_plateau_and_none(tiny):
 
 
 def test_resume_equals_uninterrupted_run(tiny):
-    settings = replace(FAST, epochs=2, dropout=0.5, hflip=True, loader_workers=1)  # dropout and flips: RNG matters
+    settings = replace(FAST, epochs=2, dropout=0.5, hflip=True, loader_workers=1,  # dropout and flips: RNG matters
+                       keep_last=True)
     whole, parts = tiny["root"] / "runs" / "whole", tiny["root"] / "runs" / "parts"
     train(tiny, "cl", "V1v", whole, settings)
     first = train(tiny, "cl", "V1v", parts, replace(settings, stop_after_epoch=1))
@@ -295,32 +298,37 @@ def test_small_and_empty_rois_are_refused(tiny):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:") and "mTL-faces: 0 voxels" in lines[0]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "mTL-faces: subject 1 has 0 voxels" in lines[0]
     assert not (Path(tiny["out_dir"]) / "models" / "cl" / "subj01" / "lh" / "mTL-faces").exists()
 
 
 def run_sweep(tiny, *extra):
     run_script("reg_model_training_all_rois.py", f"--data_dir={tiny['data_dir']}", f"--out_dir={tiny['out_dir']}",
                "--hemispheres=lh", "--rois=V1v,mTL-faces,PPA", "--epochs=2", "--dropout=0", *COMMON_ARGS, *extra)
-    with open(Path(tiny["out_dir"]) / "models" / "reg" / "subj01" / "summary.csv") as fh:
+    with open(paths.sweep_summary_file(tiny["out_dir"], "reg", subject=1, backbone="tiny")) as fh:
         return {row["roi"]: row for row in csv.DictReader(fh)}
 
 
 def test_sweep_skips_small_rois_resumes_and_skips_finished(tiny):
     killed = run_sweep(tiny, "--stop_after_epoch=1")  # as if the sweep were killed after epoch 1 of each ROI
-    assert killed["mTL-faces"]["status"].startswith("skipped: 0 voxels")
+    assert killed["mTL-faces"]["status"].startswith("skipped: subject 1: 0 voxels")
     assert killed["V1v"]["status"] == killed["PPA"]["status"] == "stopped"
     assert killed["V1v"]["voxels"] == "30" and killed["V1v"]["epochs"] == "1"
-    run_dirs = {roi: models.checkpoint_path(tiny["out_dir"], "reg", 1, "lh", roi).parent for roi in ("V1v", "PPA")}
+    run_dirs = {roi: paths.model_dir(tiny["out_dir"], "reg", "lh", roi, subject=1, backbone="tiny")
+                for roi in ("V1v", "PPA")}
     resumed = run_sweep(tiny)
     assert resumed["V1v"]["status"] == resumed["PPA"]["status"] == "resumed"
     assert resumed["PPA"]["epochs"] == "2" and float(resumed["PPA"]["best_val_r"]) == pytest.approx(
         training.read_done(run_dirs["PPA"])["best_val_r"])
     assert [row["epoch"] for row in read_log(run_dirs["V1v"])] == [1, 2]
-    stamps = {roi: (d / "last.pt").stat().st_mtime_ns for roi, d in run_dirs.items()}
+    assert all(not (d / "last.pt").exists() and (d / "best.pt").is_file() for d in run_dirs.values())
+    stamps = {roi: (d / "best.pt").stat().st_mtime_ns for roi, d in run_dirs.items()}
     again = run_sweep(tiny)
     assert again["V1v"]["status"] == again["PPA"]["status"] == "done"
-    assert stamps == {roi: (d / "last.pt").stat().st_mtime_ns for roi, d in run_dirs.items()}
+    assert stamps == {roi: (d / "best.pt").stat().st_mtime_ns for roi, d in run_dirs.items()}
+    # finished without last.pt: extending it is one clear line, not a silent retraining
+    with pytest.raises(options.DataError, match="keep_last"):
+        run_sweep(tiny, "--epochs=3")
 
 
 def test_training_script_under_torchrun_matches_single_process(tiny):
@@ -341,7 +349,7 @@ def test_training_script_under_torchrun_matches_single_process(tiny):
                            "--dropout=0", "--lr=1e-4", *COMMON_ARGS, "--batch_size=64"], capture_output=True, text=True,
                           timeout=170)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    run_dir = models.checkpoint_path(out_dir, "cl", 1, "lh", "FFA-1").parent
+    run_dir = paths.model_dir(out_dir, "cl", "lh", "FFA-1", subject=1, backbone="tiny")
     assert sorted(p.name for p in run_dir.iterdir()) == ["best.pt", "last.pt", "log.csv", "log.csv.meta.json"]
     ddp_row, single_row = read_log(run_dir)[0], read_log(single_dir)[0]
     assert ddp_row["train_loss"] == pytest.approx(single_row["train_loss"], rel=1e-5)
@@ -396,7 +404,7 @@ def test_pooled_batches_interleave_deterministically_and_cover_every_train_image
     sources = sources_of(tiny, "PPA", (1, 2, 3))
     for order in ("sequential", "interleaved"):
         seen.clear()
-        settings = replace(FAST, epochs=2, h_method="average", subject_order=order)
+        settings = replace(FAST, epochs=2, pooled=True, pooled_h_method="average", subject_order=order)
         training.train_roi_model("cl", sources, tiny["root"] / "runs" / f"order_{order}", settings, {},
                                  tiny["runtime"])
         for epoch in (1, 2):
@@ -416,7 +424,8 @@ def test_pooled_batches_interleave_deterministically_and_cover_every_train_image
 
 
 def test_pooled_resume_equals_uninterrupted_run_and_logs_each_subject(tiny):
-    settings = replace(FAST, epochs=2, dropout=0.5, hflip=True, h_method="average")
+    settings = replace(FAST, epochs=2, dropout=0.5, hflip=True, pooled=True, pooled_h_method="average",
+                       keep_last=True)
     whole, parts = tiny["root"] / "runs" / "pooled_whole", tiny["root"] / "runs" / "pooled_parts"
     summary = train(tiny, "cl", "FFA-1", whole, settings, (1, 2))
     assert summary["subjects"] == "1 2" and summary["voxels"] == 60
@@ -443,21 +452,23 @@ def test_leave_one_subject_out_never_reads_the_left_out_subject(tiny):
     shutil.copytree(tiny["data_dir"], poisoned)
     for path in (poisoned / "subj03" / "training_split" / "training_fmri").iterdir():
         path.write_bytes(b"not an array")
-    args = [*COMMON_ARGS, "--epochs=2", "--dropout=0", "--h_method=average"]
-    run_script("pooled_cl_model_training_all_rois.py", f"--data_dir={poisoned}", f"--out_dir={tiny['root'] / 'loso'}",
-               "--exclude_subject=3", "--hemispheres=lh", "--rois=FFA-1,mTL-faces", *args)
-    run_script("pooled_cl_model_training.py", f"--data_dir={tiny['data_dir']}", f"--out_dir={tiny['root'] / 'pair'}",
+    args = [*COMMON_ARGS, "--epochs=2", "--dropout=0", "--pooled_h_method=average"]
+    run_script("cl_model_training_all_rois.py", f"--data_dir={poisoned}", f"--out_dir={tiny['root'] / 'loso'}",
+               "--subjects=all", "--exclude_subject=3", "--hemispheres=lh", "--rois=FFA-1,mTL-faces", *args)
+    run_script("cl_model_training.py", f"--data_dir={tiny['data_dir']}", f"--out_dir={tiny['root'] / 'pair'}",
                "--subjects=1,2", "--roi=FFA-1", *args)
-    loso = models.load_checkpoint(models.pooled_checkpoint_path(tiny["root"] / "loso", "cl", "lh", "FFA-1", 3, "last",
-                                                                h_method="average"))
-    pair = models.load_checkpoint(models.pooled_checkpoint_path(tiny["root"] / "pair", "cl", "lh", "FFA-1", None,
-                                                                "last", h_method="average"))
-    assert loso["subjects"] == pair["subjects"] == [1, 2]
+    loso_dir = paths.model_dir(tiny["root"] / "loso", "cl", "lh", "FFA-1", exclude_subject=3, backbone="tiny",
+                               pooled_h_method="average")
+    loso = models.load_checkpoint(loso_dir / "best.pt")
+    pair = models.load_checkpoint(paths.model_dir(tiny["root"] / "pair", "cl", "lh", "FFA-1", backbone="tiny",
+                                                  pooled_h_method="average") / "best.pt")
+    assert loso["subjects"] == pair["subjects"] == [1, 2] and loso["model_spec"]["hidden"] == 30  # mean of 30, 30
     assert all(torch.equal(v, pair["model"][k]) for k, v in loso["model"].items())
-    with open(training.pooled_sweep_summary_path(tiny["root"] / "loso", "cl", "average", 3)) as fh:
+    with open(paths.sweep_summary_file(tiny["root"] / "loso", "cl", backbone="tiny", exclude_subject=3,
+                                       pooled_h_method="average")) as fh:
         rows = {row["roi"]: row for row in csv.DictReader(fh)}
     assert rows["FFA-1"]["subjects"] == "1 2" and rows["FFA-1"]["status"] == "trained"
-    assert rows["mTL-faces"]["status"].startswith("skipped: no subject")
+    assert rows["mTL-faces"]["status"].startswith("skipped: subject 1: 0 voxels, subject 2: 0 voxels")
     # the poison works: reading subject 3 fails, naming its file
     with pytest.raises(options.DataError, match="subj03.*lh_training_fmri.npy"):
         utils.load_subject(poisoned, 3, hemispheres=["lh"])

@@ -12,6 +12,7 @@ import pytest
 
 import options
 import outputs
+import paths
 import utils
 from conftest import REPO, make_tiny_dataset
 
@@ -31,7 +32,7 @@ def test_options_parse_types_lists_bools_and_config(tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--epoch=3"], "unknown option --epoch; valid options: epochs, amp"),
+    (["--epoch=3"], r"unknown option --epoch \(did you mean --epochs\?\); --help lists the options"),
     (["--epochs=three"], "expected int"),
     (["--amp=maybe"], "expected true or false"),
     (["epochs=3"], "not of the form --name=value"),
@@ -39,6 +40,35 @@ def test_options_parse_types_lists_bools_and_config(tmp_path):
 def test_options_errors_name_valid_choices(argv, message):
     with pytest.raises(options.OptionsError, match=message):
         options.apply_options({"epochs": 30, "amp": True}, argv)
+
+
+def test_help_prints_every_option_with_its_comment_before_torch_is_imported():
+    code = ("import runpy, sys; sys.argv = ['cl_model_training_all_rois.py', '--help']\n"
+            "try:\n    runpy.run_path('cl_model_training_all_rois.py', run_name='__main__')\n"
+            "except SystemExit:\n    pass\nprint('torch imported:', 'torch' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    lines = proc.stdout.splitlines()
+    assert lines[-1] == "torch imported: False"
+    text = "\n".join(lines)
+    # its own options, then those of the training script, in command-line syntax with their comments
+    assert "--hemispheres=lh,rh" in text and "--rois=[]" in text and "--resume=true" in text
+    assert "options taken from cl_model_training.py" in text
+    epochs = next(line for line in lines if line.strip().startswith("--epochs="))
+    assert epochs.split()[0] == "--epochs=30" and "training epochs (paper: 30)" in epochs
+    assert not any(line.strip().startswith(("--roi=", "--hemisphere=")) for line in lines)  # replaced by plurals
+    # a comment continued on the next line is part of the option's help
+    layer = next(line for line in options.help_text(REPO / "generate_results.py").splitlines()
+                 if line.strip().startswith("--tuned_layer="))
+    assert "a layer name for every tuned set" in layer
+
+
+def test_a_sweep_takes_its_training_scripts_options():
+    sweep = {"subjects": [1], "hemispheres": ["lh"], "rois": [], "resume": True, "__file__": str(REPO / "reg_model_training_all_rois.py")}
+    chosen = options.apply_options(sweep, ["--epochs=3", "--lr=0.5", "--rois=V1v"],
+                                   defaults_from="reg_model_training.py")
+    assert chosen["epochs"] == 3 and chosen["lr"] == 0.5 and chosen["rois"] == ["V1v"] and chosen["resume"] is True
+    assert "roi" not in chosen and "hemisphere" not in chosen and chosen["weights"] == "IMAGENET1K_V1"
+    assert options.script_defaults(REPO / "reg_model_training_all_rois.py")["epochs"] == 75
 
 
 # ---- layouts and ROI masks -------------------------------------------------------------------
@@ -216,7 +246,7 @@ def test_image_cache_matches_pil_is_reused_and_rebuilt(tmp_path):
     expected = np.asarray(Image.open(images[5]).convert("RGB").resize((64, 64), Image.BILINEAR))
     np.testing.assert_array_equal(cache[5], expected.transpose(2, 0, 1))
 
-    path = utils.image_cache_path(out, 1, 64)
+    path = paths.image_cache_file(out, 1, 64)
     stamp = path.stat().st_mtime_ns
     utils.load_image_cache(out, 1, images, size=64)
     assert path.stat().st_mtime_ns == stamp  # reused
@@ -225,7 +255,7 @@ def test_image_cache_matches_pil_is_reused_and_rebuilt(tmp_path):
     assert path.stat().st_mtime_ns != stamp and np.load(path, mmap_mode="r").shape[0] == 10
 
     other = utils.load_image_cache(out, 1, images, size=32)  # another size: its own cache
-    assert other.shape == (12, 3, 32, 32) and utils.image_cache_path(out, 1, 32).is_file()
+    assert other.shape == (12, 3, 32, 32) and paths.image_cache_file(out, 1, 32).is_file()
 
 
 # ---- atomic outputs --------------------------------------------------------------------------
@@ -256,7 +286,7 @@ def test_sectioned_config_sets_each_scripts_options(tmp_path):
     assert options.read_config(cfg, "generate_results.py", results_defaults) == {"checkpoint": "last",
                                                                                   "tuned_layer": "untuned"}
     original = options.read_config(REPO / "configs" / "original_2023.json", "generate_results.py", results_defaults)
-    assert original["tuned_layer"] == "untuned" and original["alpha_mode"] == "per-roi"
+    assert original["tuned_layer"] == "untuned" and original["alpha_mode"] == "per-roi-untuned"
     for bad, message in (({"all": {"lr_schedul": "none"}}, "option of no script"),
                          ({"generate_results.py": {"epochs": 3}}, "has no option 'epochs'"),
                          ({"nope.py": {}}, "names no script")):
