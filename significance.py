@@ -69,9 +69,10 @@ def _bootstrap_r(y, preds, n_boot: int, seed: int, voxel_chunk: int, progress: b
         constant = [blk.max(0) == blk.min(0) for blk in blocks]
         yc, pcs, vc = centred[0], centred[1:], blocks[0].shape[1]
         sums = counts @ np.concatenate([yc, yc * yc] + [q for p in pcs for q in (p, p * p, yc * p)], axis=1)
-        part = lambda i: sums[:, i * vc:(i + 1) * vc]
+        s_y, s_yy, *per_pred = (sums[:, i * vc:(i + 1) * vc] for i in range(2 + 3 * len(pcs)))
         for k, out in enumerate(r_out):
-            r = _r_from_sums(n, part(0), part(2 + 3 * k), part(1), part(3 + 3 * k), part(4 + 3 * k))
+            s_p, s_pp, s_yp = per_pred[3 * k:3 * k + 3]
+            r = _r_from_sums(n, s_y, s_p, s_yy, s_pp, s_yp)
             r[:, constant[0] | constant[1 + k]] = np.nan
             out[:, cols] = r
     return r_out

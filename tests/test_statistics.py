@@ -171,6 +171,14 @@ def test_exact_permutation_p_by_enumeration_and_random_swaps_approach_it():
     assert clear["p_mean"] == clear["p_median"] == pytest.approx(1 / 201)   # smallest p of 200 swaps
 
 
+@pytest.fixture
+def one_blas_thread():
+    """Thousands of tiny matrix products: one BLAS thread beats several that wait for busy cores."""
+    from threadpoolctl import threadpool_limits
+    with threadpool_limits(1):
+        yield
+
+
 def rejection_rates(n_sims, noise_a, scale_b, seed):
     """Share of simulations with permutation p <= 0.05 (mean r, median r): 80 test images x 30 voxels, responses
     = signal + 1.5 x noise, predictions = signal + their own noise (b's: 1.0, times scale_b), 199 swaps."""
@@ -186,7 +194,7 @@ def rejection_rates(n_sims, noise_a, scale_b, seed):
     return (p <= 0.05).mean(0)
 
 
-def test_permutation_type_one_error_holds_when_scales_differ():
+def test_permutation_type_one_error_holds_when_scales_differ(one_blas_thread):
     # H0 (equal noise) with b's predictions scaled by 0.2. 199 swaps make p <= 0.05 an exact 10/200 level; over
     # 2000 simulations its binomial SE is sqrt(0.05 * 0.95 / 2000) = 0.0049, so [0.03, 0.07] is +-4.1 SE.
     # Swapping unstandardised rows gave 0.005 (mean r) and 0.011 (median r) here: an inflated null.
@@ -195,7 +203,7 @@ def test_permutation_type_one_error_holds_when_scales_differ():
     assert ((0.03 <= rates) & (rates <= 0.07)).all()
 
 
-def test_permutation_power_does_not_depend_on_the_scale_of_predictions():
+def test_permutation_power_does_not_depend_on_the_scale_of_predictions(one_blas_thread):
     # a's noise 25 % lower. Power near 0.83 (mean r) and 0.52 (median r) over 300 simulations: binomial SE
     # <= sqrt(0.25 / 300) = 0.029 each, so two estimates from independent draws would differ by < 3 x 0.041 =
     # 0.12; the scaled and unscaled runs share their draws, so they differ less. Unstandardised swaps lost
