@@ -4,7 +4,7 @@ subjects; FDR across ROIs. Also fMRI -> image retrieval accuracy of CL embedding
 Within a subject the unit is the test image (never the voxel: neighbouring voxels share noise, so voxel
 counts overstate the evidence). Both resampling schemes are vectorised over resamples: a resample is a
 weight (or swap) vector over test images, so its per-voxel sums for all resamples are one float64 matmul
-per voxel chunk. Every draw comes from a numpy Generator seeded by `seed`.
+per voxel chunk. Every draw comes from a numpy Generator seeded by `seed`. docs/statistics.md gives the reasons.
 """
 from __future__ import annotations
 
@@ -17,12 +17,12 @@ import encoding
 # -- Within a subject: bootstrap and permutation over test images --
 
 
-def _check_predictions(y_true, pred_a, pred_b):
-    y, a, b = np.asarray(y_true), np.asarray(pred_a), np.asarray(pred_b)
-    if not (y.shape == a.shape == b.shape) or y.ndim != 2 or y.shape[0] < 3:
-        raise ValueError(f"y_true {y.shape}, pred_a {a.shape}, pred_b {b.shape}: expected equal 2-D "
-                         "test images x voxels shapes with >= 3 test images")
-    return y, a, b
+def _check_predictions(y_true, *preds):
+    arrays = [np.asarray(m) for m in (y_true, *preds)]
+    if len({m.shape for m in arrays}) != 1 or arrays[0].ndim != 2 or arrays[0].shape[0] < 3:
+        raise ValueError(f"y_true and predictions of shapes {', '.join(str(m.shape) for m in arrays)}: expected "
+                         "equal 2-D test images x voxels shapes with >= 3 test images")
+    return arrays
 
 
 def _r_from_sums(n, s_y, s_p, s_yy, s_pp, s_yp):
@@ -56,6 +56,36 @@ def bootstrap_rows(n_test: int, n_boot: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, n_test, size=(n_boot, n_test))
 
 
+def _bootstrap_r(y, preds, n_boot: int, seed: int, voxel_chunk: int, progress: bool) -> list[np.ndarray]:
+    """Per prediction matrix: every voxel's r on each of the n_boot resamples of bootstrap_rows (float32)."""
+    n, v = y.shape
+    rows = bootstrap_rows(n, n_boot, seed)
+    counts = np.bincount((rows + n * np.arange(n_boot)[:, None]).ravel(),
+                         minlength=n_boot * n).reshape(n_boot, n).astype(np.float64)
+    r_out = [np.empty((n_boot, v), dtype=np.float32) for _ in preds]
+    for cols in _voxel_chunks(v, voxel_chunk, progress, "bootstrap voxel chunks"):
+        blocks = [np.asarray(m[:, cols], np.float64) for m in (y, *preds)]
+        centred = [blk - blk.mean(0) for blk in blocks]   # centring keeps sums of squares accurate
+        constant = [blk.max(0) == blk.min(0) for blk in blocks]
+        yc, pcs, vc = centred[0], centred[1:], blocks[0].shape[1]
+        sums = counts @ np.concatenate([yc, yc * yc] + [q for p in pcs for q in (p, p * p, yc * p)], axis=1)
+        s_y, s_yy, *per_pred = (sums[:, i * vc:(i + 1) * vc] for i in range(2 + 3 * len(pcs)))
+        for k, out in enumerate(r_out):
+            s_p, s_pp, s_yp = per_pred[3 * k:3 * k + 3]
+            r = _r_from_sums(n, s_y, s_p, s_yy, s_pp, s_yp)
+            r[:, constant[0] | constant[1 + k]] = np.nan
+            out[:, cols] = r
+    return r_out
+
+
+def _percentile_ci(values, ci: float) -> tuple[float, float]:
+    tail = 100 * (1 - ci) / 2
+    if not np.isfinite(values).any():
+        return float("nan"), float("nan")
+    low, high = np.nanpercentile(values, [tail, 100 - tail])
+    return float(low), float(high)
+
+
 def bootstrap_r_diff(y_true, pred_a, pred_b, n_boot: int = 1000, seed: int = 0, ci: float = 0.95,
                      voxel_chunk: int = 1024, progress: bool = False) -> dict:
     """Bootstrap over test images of the ROI's mean and median r (over voxels) of method a minus method b.
@@ -65,32 +95,36 @@ def bootstrap_r_diff(y_true, pred_a, pred_b, n_boot: int = 1000, seed: int = 0, 
     differences {mean,median}_boot_diffs (n_boot each), n_boot, seed, ci.
     """
     y, a, b = _check_predictions(y_true, pred_a, pred_b)
-    n, v = y.shape
     r_obs = [encoding.pearson_r(y, p) for p in (a, b)]
     (mean_obs,), (median_obs,) = _mean_median_diffs(r_obs[0][None], r_obs[1][None])
-    rows = bootstrap_rows(n, n_boot, seed)
-    counts = np.bincount((rows + n * np.arange(n_boot)[:, None]).ravel(),
-                         minlength=n_boot * n).reshape(n_boot, n).astype(np.float64)
-    r_a = np.empty((n_boot, v), dtype=np.float32)
-    r_b = np.empty((n_boot, v), dtype=np.float32)
-    for cols in _voxel_chunks(v, voxel_chunk, progress, "bootstrap voxel chunks"):
-        blocks = [np.asarray(m[:, cols], np.float64) for m in (y, a, b)]
-        yc, ac, bc = (blk - blk.mean(0) for blk in blocks)   # centring keeps sums of squares accurate
-        constant = [blk.max(0) == blk.min(0) for blk in blocks]
-        vc = yc.shape[1]
-        sums = counts @ np.concatenate([yc, ac, bc, yc * yc, ac * ac, bc * bc, yc * ac, yc * bc], axis=1)
-        s_y, s_a, s_b, s_yy, s_aa, s_bb, s_ya, s_yb = (sums[:, i * vc:(i + 1) * vc] for i in range(8))
-        for out, s_p, s_pp, s_yp, constant_p in ((r_a, s_a, s_aa, s_ya, constant[1]),
-                                                  (r_b, s_b, s_bb, s_yb, constant[2])):
-            r = _r_from_sums(n, s_y, s_p, s_yy, s_pp, s_yp)
-            r[:, constant[0] | constant_p] = np.nan
-            out[:, cols] = r
+    r_a, r_b = _bootstrap_r(y, (a, b), n_boot, seed, voxel_chunk, progress)
     mean_diffs, median_diffs = _mean_median_diffs(r_a, r_b)
-    tail = 100 * (1 - ci) / 2
     out = {"mean_diff": float(mean_obs), "median_diff": float(median_obs)}
     for name, diffs in (("mean", mean_diffs), ("median", median_diffs)):
-        low, high = np.nanpercentile(diffs, [tail, 100 - tail]) if np.isfinite(diffs).any() else (np.nan, np.nan)
-        out.update({f"{name}_ci_low": float(low), f"{name}_ci_high": float(high), f"{name}_boot_diffs": diffs})
+        low, high = _percentile_ci(diffs, ci)
+        out.update({f"{name}_ci_low": low, f"{name}_ci_high": high, f"{name}_boot_diffs": diffs})
+    return {**out, "n_boot": int(n_boot), "seed": int(seed), "ci": float(ci)}
+
+
+def bootstrap_r_ci(y_true, pred, n_boot: int = 1000, seed: int = 0, ci: float = 0.95,
+                   voxel_chunk: int = 1024, progress: bool = False) -> dict:
+    """Bootstrap over test images of one set's ROI mean and median r over voxels (the error bars of its bars).
+
+    The same resamples as bootstrap_r_diff for the same seed and test-image count. Returns mean_r, median_r
+    (observed), percentile CIs {mean,median}_ci_low/high, the resampled {mean,median}_boot (n_boot each),
+    n_boot, seed, ci.
+    """
+    y, p = _check_predictions(y_true, pred)
+    r_obs = encoding.pearson_r(y, p)
+    (r_boot,) = _bootstrap_r(y, (p,), n_boot, seed, voxel_chunk, progress)
+    out = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN row (every voxel constant) gives NaN
+        for name, stat in (("mean", np.nanmean), ("median", np.nanmedian)):
+            values = stat(r_boot, axis=1)
+            low, high = _percentile_ci(values, ci)
+            out.update({f"{name}_r": float(stat(r_obs)), f"{name}_ci_low": low, f"{name}_ci_high": high,
+                        f"{name}_boot": values})
     return {**out, "n_boot": int(n_boot), "seed": int(seed), "ci": float(ci)}
 
 
@@ -104,11 +138,21 @@ def swap_masks(n_test: int, n_permutations: int, seed: int, exact: bool) -> np.n
     return np.random.default_rng(seed).random((n_permutations, n_test)) < 0.5
 
 
+def _standardise(block: np.ndarray) -> np.ndarray:
+    """Each column z-scored over the rows (test images); a constant column becomes zeros (its r stays NaN)."""
+    centred = block - block.mean(0)
+    sd = np.sqrt((centred * centred).mean(0))
+    constant = (block.max(0) == block.min(0)) | (sd == 0)
+    return np.where(constant, 0.0, centred / np.where(constant, 1.0, sd))
+
+
 def permutation_test_r_diff(y_true, pred_a, pred_b, n_permutations: int = 1000, seed: int = 0,
                             exact: bool | None = None, voxel_chunk: int = 1024, progress: bool = False) -> dict:
     """Paired permutation test over test images (swap a's and b's predictions of random images: under H0 nothing
     changes) of the difference in the ROI's mean and median r over voxels; two-sided p-values.
 
+    Each voxel's predictions are z-scored per set over the test images before any swap (r is unchanged): swapping
+    rows of differently scaled predictions would inflate the null and cost the test its power.
     exact (None: when 2^n_test <= n_permutations): all 2^n_test swap masks, p = #(|null| >= |observed|) / 2^n;
     else p = (1 + #) / (1 + n_permutations) over seeded random masks. Returns mean_diff, median_diff, p_mean,
     p_median, n_permutations, exact, seed, null_{mean,median}_diffs (one per mask; NaN counts as extreme).
@@ -124,10 +168,8 @@ def permutation_test_r_diff(y_true, pred_a, pred_b, n_permutations: int = 1000, 
     r_b = np.empty((len(masks), v), dtype=np.float64)
     for cols in _voxel_chunks(v, voxel_chunk, progress, "permutation voxel chunks"):
         yb = np.asarray(y[:, cols], np.float64)
-        ab, bb = np.asarray(a[:, cols], np.float64), np.asarray(b[:, cols], np.float64)
-        # one shift for both predictions (r ignores it; a swap must move raw values between them)
-        shift = (ab.mean(0) + bb.mean(0)) / 2
-        yc, ac, bc = yb - yb.mean(0), ab - shift, bb - shift
+        ac, bc = (_standardise(np.asarray(m[:, cols], np.float64)) for m in (a, b))
+        yc = yb - yb.mean(0)
         d = bc - ac
         vc = yc.shape[1]
         # swapping image i changes a's sums by d_i, b_i^2 - a_i^2, y_i d_i and b's by minus those

@@ -105,14 +105,47 @@ def test_bootstrap_matches_a_loop_over_the_same_resamples():
         assert out[f"{name}_ci_low"] < out[f"{name}_diff"] < out[f"{name}_ci_high"]
 
 
+def test_bootstrap_ci_of_one_set_matches_a_loop_over_the_same_resamples():
+    y, a, b = toy_predictions(40, 9, seed=11)
+    a[:, 4] = -1.0  # a constant prediction: NaN r, left out of the mean and median
+    out = significance.bootstrap_r_ci(y, a, n_boot=60, seed=3, voxel_chunk=4)
+    r = loop_r(y, a)
+    assert (out["mean_r"], out["median_r"]) == pytest.approx((np.nanmean(r), np.nanmedian(r)), abs=1e-9)
+    rows = significance.bootstrap_rows(40, 60, seed=3)
+    loop = np.array([(np.nanmean(r_k), np.nanmedian(r_k)) for r_k in (loop_r(y[k], a[k]) for k in rows)])
+    # r per resample is stored as float32: agreement to ~1e-7 of |r| <= 1
+    np.testing.assert_allclose(out["mean_boot"], loop[:, 0], atol=1e-6)
+    np.testing.assert_allclose(out["median_boot"], loop[:, 1], atol=1e-6)
+    for j, name in enumerate(("mean", "median")):
+        assert (out[f"{name}_ci_low"], out[f"{name}_ci_high"]) == pytest.approx(
+            tuple(np.percentile(loop[:, j], [2.5, 97.5])), abs=1e-6)
+        assert out[f"{name}_ci_low"] < out[f"{name}_r"] < out[f"{name}_ci_high"]
+    # the same draws as the difference's bootstrap: its resampled differences are these minus b's
+    diff = significance.bootstrap_r_diff(y, a, b, n_boot=60, seed=3)
+    b_boot = significance.bootstrap_r_ci(y, b, n_boot=60, seed=3)
+    np.testing.assert_allclose(diff["mean_boot_diffs"], out["mean_boot"] - b_boot["mean_boot"], atol=1e-6)
+
+
+def zscored(m):
+    """Each column z-scored over the rows (scipy), the permutation test's standardisation done independently."""
+    return scipy.stats.zscore(m, axis=0)
+
+
+def loop_null(y, a, b, masks):
+    """(mean, median) r differences after swapping the z-scored predictions of each mask's test images."""
+    za, zb = zscored(a), zscored(b)
+    return np.array([loop_diffs(y, np.where(np.asarray(m)[:, None] == 1, zb, za),
+                                np.where(np.asarray(m)[:, None] == 1, za, zb)) for m in masks])
+
+
 def test_permutation_null_matches_a_loop_over_the_same_swaps():
     y, a, b = toy_predictions(30, 7, seed=2)
+    b = 0.2 * b + 3.0   # another scale and offset: the standardised null must not see them
     out = significance.permutation_test_r_diff(y, a, b, n_permutations=40, seed=5, voxel_chunk=3)
     assert not out["exact"] and out["n_permutations"] == 40
     observed = loop_diffs(y, a, b)
     assert (out["mean_diff"], out["median_diff"]) == pytest.approx(observed, abs=1e-12)
-    null = np.array([loop_diffs(y, np.where(m[:, None], b, a), np.where(m[:, None], a, b))
-                     for m in significance.swap_masks(30, 40, seed=5, exact=False)])
+    null = loop_null(y, a, b, significance.swap_masks(30, 40, seed=5, exact=False))
     np.testing.assert_allclose(out["null_mean_diffs"], null[:, 0], atol=1e-12)   # float64 throughout
     np.testing.assert_allclose(out["null_median_diffs"], null[:, 1], atol=1e-12)
     for j, name in enumerate(("mean", "median")):
@@ -122,8 +155,7 @@ def test_permutation_null_matches_a_loop_over_the_same_swaps():
 def test_exact_permutation_p_by_enumeration_and_random_swaps_approach_it():
     y, a, b = toy_predictions(8, 6, seed=4, noise_a=0.9, noise_b=1.1)
     observed = np.abs(loop_diffs(y, a, b))
-    null = np.array([loop_diffs(y, np.where(np.array(m)[:, None] == 1, b, a), np.where(np.array(m)[:, None] == 1, a, b))
-                     for m in itertools.product((0, 1), repeat=8)])
+    null = loop_null(y, a, b, itertools.product((0, 1), repeat=8))
     exact_p = (np.abs(null) >= observed - 1e-12).mean(0)       # all 256 swaps, the identity included
     out = significance.permutation_test_r_diff(y, a, b, n_permutations=1000)   # 2^8 <= 1000: exact
     assert out["exact"] and out["n_permutations"] == 256
@@ -137,6 +169,50 @@ def test_exact_permutation_p_by_enumeration_and_random_swaps_approach_it():
     y, a, b = toy_predictions(60, 20, seed=6, noise_a=0.5, noise_b=2.0)
     clear = significance.permutation_test_r_diff(y, a, b, n_permutations=200, seed=0)
     assert clear["p_mean"] == clear["p_median"] == pytest.approx(1 / 201)   # smallest p of 200 swaps
+
+
+@pytest.fixture
+def one_blas_thread():
+    """Thousands of tiny matrix products: one BLAS thread beats several that wait for busy cores."""
+    from threadpoolctl import threadpool_limits
+    with threadpool_limits(1):
+        yield
+
+
+def rejection_rates(n_sims, noise_a, scale_b, seed):
+    """Share of simulations with permutation p <= 0.05 (mean r, median r): 80 test images x 30 voxels, responses
+    = signal + 1.5 x noise, predictions = signal + their own noise (b's: 1.0, times scale_b), 199 swaps."""
+    p = np.empty((n_sims, 2))
+    for s in range(n_sims):
+        rng = np.random.default_rng([seed, s])
+        signal = rng.normal(size=(80, 30))
+        y = signal + 1.5 * rng.normal(size=(80, 30))
+        a = signal + noise_a * rng.normal(size=(80, 30))
+        b = scale_b * (signal + rng.normal(size=(80, 30)))
+        out = significance.permutation_test_r_diff(y, a, b, n_permutations=199, seed=s)
+        p[s] = out["p_mean"], out["p_median"]
+    return (p <= 0.05).mean(0)
+
+
+def test_permutation_type_one_error_holds_when_scales_differ(one_blas_thread):
+    # H0 (equal noise) with b's predictions scaled by 0.2. 199 swaps make p <= 0.05 an exact 10/200 level; over
+    # 2000 simulations its binomial SE is sqrt(0.05 * 0.95 / 2000) = 0.0049, so [0.03, 0.07] is +-4.1 SE.
+    # Swapping unstandardised rows gave 0.005 (mean r) and 0.011 (median r) here: an inflated null.
+    rates = rejection_rates(2000, noise_a=1.0, scale_b=0.2, seed=21)
+    print("type-I error at 0.05 (mean r, median r):", rates)
+    assert ((0.03 <= rates) & (rates <= 0.07)).all()
+
+
+def test_permutation_power_does_not_depend_on_the_scale_of_predictions(one_blas_thread):
+    # a's noise 25 % lower. Power near 0.83 (mean r) and 0.52 (median r) over 300 simulations: binomial SE
+    # <= sqrt(0.25 / 300) = 0.029 each, so two estimates from independent draws would differ by < 3 x 0.041 =
+    # 0.12; the scaled and unscaled runs share their draws, so they differ less. Unstandardised swaps lost
+    # 0.47 (mean r: 0.81 -> 0.34) and 0.26 (median r: 0.51 -> 0.25) here.
+    unscaled = rejection_rates(300, noise_a=0.75, scale_b=1.0, seed=22)
+    scaled = rejection_rates(300, noise_a=0.75, scale_b=0.2, seed=22)
+    print("power at 0.05 (mean r, median r): unscaled", unscaled, "b x 0.2", scaled)
+    assert (unscaled > [0.7, 0.4]).all()                # enough power to lose
+    assert (np.abs(scaled - unscaled) < 0.12).all()
 
 
 # ---- across subjects ----
