@@ -187,19 +187,20 @@ def difference_map(a: dict, b: dict, fsaverage_masks: dict, label_a: str, label_
     """Per-vertex a - b (e.g. test r of CL minus untuned), diverging colours centred on 0."""
     diff = {h: np.asarray(a[h], dtype=np.float64) - np.asarray(b[h], dtype=np.float64) for h in a}
     top = max(_upper(diff.values()), 1e-3)
-    return draw_map(diff, fsaverage_masks, title=f"{label_a} minus {label_b}", units="difference in Pearson r (test images)",
-                    cmap="RdBu_r", vmin=-top, vmax=top, **kwargs)
+    return draw_map(diff, fsaverage_masks, title=f"{label_a} minus {label_b}",
+                    units="difference in Pearson r (test images)", cmap="RdBu_r", vmin=-top, vmax=top, **kwargs)
 
 
 def layer_map(layer_index: dict, fsaverage_masks: dict, layer_names, set_label: str = "", **kwargs):
     """The chosen layer per vertex (integer index into layer_names, NaN where not fitted), categorical colours."""
     names = list(layer_names)
-    return draw_map(layer_index, fsaverage_masks, title=f"chosen layer{': ' + set_label if set_label else ''}",
-                    units="layer", cmap="viridis", vmin=-0.5, vmax=len(names) - 0.5, categories=names, **kwargs)
+    title = f"chosen layer: {set_label}" if set_label else "chosen layer"
+    return draw_map(layer_index, fsaverage_masks, title=title, units="layer", cmap="viridis", vmin=-0.5,
+                    vmax=len(names) - 0.5, categories=names, **kwargs)
 
 
 def score_map(r: dict, noise_ceiling: dict, fsaverage_masks: dict, set_label: str, **kwargs):
-    """The challenge score 100 max(r, 0)^2 / NC per vertex (encoding.challenge_score), where a noise ceiling is known."""
+    """The challenge score 100 max(r, 0)^2 / NC per vertex (encoding.challenge_score), given the noise ceiling."""
     score = {h: encoding.challenge_score(r[h], noise_ceiling[h]) for h in r}
     return draw_map(score, fsaverage_masks, title=f"challenge score: {set_label}",
                     units="% of the noise ceiling (100 r² / NC)", cmap="viridis", vmin=0.0, vmax=100.0, **kwargs)

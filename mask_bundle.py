@@ -174,7 +174,8 @@ def write_fsaverage_masks(fsaverage_masks: dict, subject: int, roi_dir) -> Path:
     """Write one subject's {lh,rh}.all-vertices_fsaverage_space.npy as the download has them (int64 0/1)."""
     roi_dir = Path(roi_dir)
     for hemi in utils.HEMISPHERES:
-        outputs.save_npy(roi_dir / utils.FSAVERAGE_MASK.format(hemi=hemi), fsaverage_masks[subject][hemi].astype(np.int64))
+        outputs.save_npy(roi_dir / utils.FSAVERAGE_MASK.format(hemi=hemi),
+                         fsaverage_masks[subject][hemi].astype(np.int64))
     return roi_dir
 
 
