@@ -41,9 +41,9 @@ from pathlib import Path
 import numpy as np
 
 import encoding
-import make_demo_data
 import options
 import outputs
+import synthetic_data
 
 KNOWN = ("ridge", "gcv", "himalaya", "ridgecv", "pearson", "memory", "training", "loader", "gpu")
 
@@ -91,7 +91,7 @@ def time_ridge_fit(method: str, n_train: int, n_val: int, n_features: int, n_vox
     """Make synthetic data, then time `repeats` fits of one method (see one_fit). Returns times, peak
     memory, dtypes. Meant to run in a fresh process (run_in_child) so the peak memory is this fit's alone.
     """
-    data = make_demo_data.make_synthetic_encoding_data(n_train, n_val, 0, n_features, n_voxels, seed=seed)
+    data = synthetic_data.make_synthetic_encoding_data(n_train, n_val, 0, n_features, n_voxels, seed=seed)
     if method == "himalaya":  # data preparation, not timed
         data["X_trainval"] = np.concatenate([data["X_train"], data["X_val"]])
         data["Y_trainval"] = np.concatenate([data["Y_train"], data["Y_val"]])
@@ -111,7 +111,7 @@ def time_ridge_fit(method: str, n_train: int, n_val: int, n_features: int, n_vox
 def selection_agreement(n_train: int, n_val: int, n_features: int, n_voxels: int, n_alphas: int,
                         seed: int = 0) -> dict:
     """How often GCV (train split) and val selection choose the same alpha, and the val r they reach."""
-    data = make_demo_data.make_synthetic_encoding_data(n_train, n_val, 0, n_features, n_voxels, seed=seed)
+    data = synthetic_data.make_synthetic_encoding_data(n_train, n_val, 0, n_features, n_voxels, seed=seed)
     alphas = np.logspace(1, 7, n_alphas)
     by_val = encoding.fit_ridge(data["X_train"], data["Y_train"], data["X_val"], data["Y_val"], alphas=alphas,
                                 compute_coef=False)

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-import make_demo_data
+import mask_bundle
 import models
 import options
 import outputs
@@ -83,9 +83,24 @@ def search_seconds(out: Path, subject: int, hemi: str, roi: str) -> dict:
     return {m: json.loads(path.read_text())[roi]["search_seconds"] for m, path in paths.items() if path.is_file()}
 
 
+REAL_TRAIN_IMAGES = {1: 9841, 2: 9841, 3: 9082, 4: 8779, 5: 9841, 6: 9082, 7: 9841, 8: 8779}  # per NSD subject
+
+
+def real_sweep_jobs(min_voxels: int) -> dict:
+    """Per real subject: (training images, ROI models over both hemispheres with >= min_voxels), from the bundle."""
+    masks, mappings = mask_bundle.load_mask_bundle()
+    jobs = {}
+    for subject in sorted(masks):
+        count = sum(1 for hemi in utils.HEMISPHERES for family, labels in masks[subject][hemi].items()
+                    for roi_id, name in mappings[subject][family].items()
+                    if roi_id and name != "Unknown" and np.count_nonzero(labels == roi_id) >= min_voxels)
+        jobs[subject] = (REAL_TRAIN_IMAGES[subject], count)
+    return jobs
+
+
 def sweep_models() -> dict:
     """The paper sweep's per-subject ROI models (>= training's minimum voxels) in the 8 real subjects' masks."""
-    jobs = make_demo_data.real_sweep_jobs(training_data.MIN_ROI_VOXELS)
+    jobs = real_sweep_jobs(training_data.MIN_ROI_VOXELS)
     n_models = sum(n for _, n in jobs.values())
     return {"models": n_models, "images_per_model_mean": sum(i * n for i, n in jobs.values()) / n_models}
 

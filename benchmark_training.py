@@ -36,12 +36,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import benchmark_full_size
 import encoding
-import make_demo_data
 import models
 import options
 import outputs
 import runtime
+import synthetic_data
 import training_data
 
 config = options.apply_options(globals())
@@ -131,7 +132,7 @@ if "training" in benchmarks:
     best = {m: max((r for r in rows if r["method"] == m), key=lambda r: r["train_images_per_s"]) for m in methods}
     epochs = {m: options.script_defaults(Path(__file__).resolve().parent / f"{m}_model_training.py")["epochs"]
               for m in ("cl", "reg")}  # the paper's, from the training scripts' OPTIONS
-    jobs = make_demo_data.real_sweep_jobs(training_data.MIN_ROI_VOXELS)
+    jobs = benchmark_full_size.real_sweep_jobs(training_data.MIN_ROI_VOXELS)
     total_s, projection = 0.0, []
     for m in methods:
         for subject, (n_subject, n_models) in jobs.items():
@@ -154,7 +155,7 @@ if "training" in benchmarks:
              f"{total_s / 3600:.1f} device-hours (without feature extraction and results).\n\n")
 
 if "ridge" in benchmarks:
-    data = make_demo_data.make_synthetic_encoding_data(ridge_train, 1000, 0, ridge_features, ridge_voxels, seed=seed)
+    data = synthetic_data.make_synthetic_encoding_data(ridge_train, 1000, 0, ridge_features, ridge_voxels, seed=seed)
     ridge_rows = []
     for where in (["cuda", "cpu"] if cuda else ["cpu"]):
         times = []

@@ -130,6 +130,13 @@ class SubjectPaths:
     def mapping_path(self, family: str) -> Path:
         return self.roi_dir / f"mapping_{family}.npy"
 
+    def fsaverage_mask_path(self, hemi: str) -> Path:
+        return self.roi_dir / FSAVERAGE_MASK.format(hemi=hemi)
+
+
+FSAVERAGE_VERTICES = 163842  # vertices per hemisphere of FreeSurfer's fsaverage (ico7) surface
+FSAVERAGE_MASK = "{hemi}.all-vertices_fsaverage_space.npy"  # the download's challenge vertices on fsaverage
+
 
 def find_subject(data_dir, subject: int) -> SubjectPaths:
     """Locate one subject's files in either layout, or say what was looked for and where."""
@@ -260,6 +267,18 @@ def load_roi_masks(paths: SubjectPaths, hemi: str, n_vertices: int | None = None
             length = n_vertices if n_vertices is not None else next(iter(masks.values())).shape[0]
             masks[name] = np.zeros(length, dtype=bool)
     return {name: masks[name] for name in ROI_NAMES}
+
+
+def load_fsaverage_mask(path, n_vertices: int | None = None) -> np.ndarray:
+    """{lh,rh}.all-vertices_fsaverage_space.npy as booleans: its ones, in order, are the fMRI columns."""
+    try:
+        mask = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as err:  # missing, or not a .npy file
+        raise DataError(f"{path}: not a readable .npy array ({err})") from None
+    if mask.shape != (FSAVERAGE_VERTICES,) or not np.isin(mask, (0, 1)).all() or n_vertices not in (None, mask.sum()):
+        raise DataError(f"{path}: {mask.shape} array, {np.count_nonzero(mask)} nonzero; expected {FSAVERAGE_VERTICES}"
+                        f" zeros and ones, {n_vertices or 'V'} ones (the fMRI columns)")
+    return mask.astype(bool)
 
 
 def roi_voxel_indices(paths: SubjectPaths, hemi: str, n_vertices: int | None = None) -> dict[str, np.ndarray]:

@@ -1,4 +1,4 @@
-"""make_demo_data.py: the bundled real ROI masks, and the synthetic dataset (layout, determinism, planted signal)."""
+"""The bundled real ROI masks (mask_bundle), and the synthetic dataset (layout, determinism, planted signal)."""
 from __future__ import annotations
 
 import json
@@ -6,9 +6,11 @@ import json
 import numpy as np
 import pytest
 
-import make_demo_data as demo
+import mask_bundle as bundle
 import options
 import outputs
+import synthetic_data as demo
+import synthetic_images
 import utils
 
 # Real vertex counts (lh, rh) of the subjects the tests generate.
@@ -33,12 +35,12 @@ def demo_root(tmp_path_factory):
 
 
 def test_bundle_equals_real_masks():
-    if not demo.SHARED_MASKS.is_dir():
-        pytest.skip(f"{demo.SHARED_MASKS} not here (a fresh clone has no ../shared)")
-    masks, mappings = demo.load_mask_bundle()
+    if not bundle.SHARED_MASKS.is_dir():
+        pytest.skip(f"{bundle.SHARED_MASKS} not here (a fresh clone has no ../shared)")
+    masks, mappings = bundle.load_mask_bundle()
     assert sorted(masks) == list(range(1, 9))
     for subject in range(1, 9):
-        roi_dir = demo.SHARED_MASKS / utils.subject_dir_name(subject)
+        roi_dir = bundle.SHARED_MASKS / utils.subject_dir_name(subject)
         for family in utils.ROI_FAMILIES:
             assert mappings[subject][family] == utils.load_roi_mapping(roi_dir / f"mapping_{family}.npy")
             for hemi in utils.HEMISPHERES:
@@ -49,14 +51,29 @@ def test_bundle_equals_real_masks():
     assert masks[6]["lh"]["streams"].shape == (18978,) and masks[8]["rh"]["streams"].shape == (20530,)
 
 
+def test_fsaverage_bundle_equals_real_masks():
+    if not bundle.SHARED_MASKS.is_dir():
+        pytest.skip(f"{bundle.SHARED_MASKS} not here (a fresh clone has no ../shared)")
+    fsaverage = bundle.load_fsaverage_bundle()
+    masks, _ = bundle.load_mask_bundle()
+    assert sorted(fsaverage) == list(range(1, 9))
+    for subject in range(1, 9):
+        for hemi in utils.HEMISPHERES:
+            path = bundle.SHARED_MASKS / utils.subject_dir_name(subject) / f"{hemi}.all-vertices_fsaverage_space.npy"
+            original = np.load(path, allow_pickle=False)
+            assert original.shape == (163842,) and fsaverage[subject][hemi].dtype == bool
+            np.testing.assert_array_equal(fsaverage[subject][hemi], original == 1)
+            assert original.sum() == len(masks[subject][hemi]["streams"])  # its ones are the challenge vertices
+
+
 def test_bundle_is_small():
-    files = (demo.ASSETS_DIR / "roi_masks.npz", demo.ASSETS_DIR / "roi_mappings.json")
-    assert sum(p.stat().st_size for p in files) / 1024 < 160  # KB
+    files = [bundle.ASSETS_DIR / name for name in ("roi_masks.npz", "roi_mappings.json", "fsaverage_masks.npz")]
+    assert sum(p.stat().st_size for p in files) / 1024 < 200  # KB
 
 
 def test_write_roi_masks_official_layout(tmp_path):
-    masks, mappings = demo.load_mask_bundle(subjects=[6])
-    demo.write_roi_masks(masks, mappings, 6, tmp_path)
+    masks, mappings = bundle.load_mask_bundle(subjects=[6])
+    bundle.write_roi_masks(masks, mappings, 6, tmp_path)
     for family in utils.ROI_FAMILIES:
         assert utils.load_roi_mapping(tmp_path / f"mapping_{family}.npy") == mappings[6][family]
         for hemi in utils.HEMISPHERES:
@@ -75,20 +92,20 @@ def test_write_roi_masks_official_layout(tmp_path):
 
 def test_mask_folder_round_trip(tmp_path):
     """save_mask_bundle -> load_mask_bundle reproduces what read_mask_folder read (int8 packing is lossless)."""
-    masks, mappings = demo.load_mask_bundle(subjects=[1, 6])
+    masks, mappings = bundle.load_mask_bundle(subjects=[1, 6])
     for subject in (1, 6):
         roi_dir = tmp_path / "src" / utils.subject_dir_name(subject) / "roi_masks"
-        demo.write_roi_masks(masks, mappings, subject, roi_dir)
-    read_masks, read_mappings = demo.read_mask_folder(tmp_path / "src")
-    demo.save_mask_bundle(read_masks, read_mappings, tmp_path / "bundle")
-    again_masks, again_mappings = demo.load_mask_bundle(tmp_path / "bundle")
+        bundle.write_roi_masks(masks, mappings, subject, roi_dir)
+    read_masks, read_mappings = bundle.read_mask_folder(tmp_path / "src")
+    bundle.save_mask_bundle(read_masks, read_mappings, tmp_path / "bundle")
+    again_masks, again_mappings = bundle.load_mask_bundle(tmp_path / "bundle")
     assert again_mappings == mappings
     for subject in (1, 6):
         for hemi in utils.HEMISPHERES:
             for family in utils.ROI_FAMILIES:
                 np.testing.assert_array_equal(again_masks[subject][hemi][family], masks[subject][hemi][family])
     with pytest.raises(options.DataError, match="subject"):
-        demo.load_mask_bundle(tmp_path / "bundle", subjects=[3])
+        bundle.load_mask_bundle(tmp_path / "bundle", subjects=[3])
 
 
 def test_dataset_is_valid_official_layout(demo_root):
@@ -111,6 +128,14 @@ def test_dataset_is_valid_official_layout(demo_root):
             assert nc.shape == (fmri.shape[1],) and np.all((nc >= 0) & (nc <= 1))
             assert outputs.sidecar_path(paths.fmri[hemi]).is_file()
         assert utils.decode_image(info["images"][0], 64).shape == (3, 64, 64)
+        fsaverage = bundle.load_fsaverage_bundle(subjects=[subject])[subject]
+        for hemi, n_vertices in zip(utils.HEMISPHERES, (n_lh, n_rh)):  # written as the download has them
+            written = np.load(paths.fsaverage_mask_path(hemi), allow_pickle=False)
+            assert written.dtype == np.int64 and written.shape == (163842,)
+            np.testing.assert_array_equal(written, fsaverage[hemi].astype(np.int64))
+            assert utils.load_fsaverage_mask(paths.fsaverage_mask_path(hemi), n_vertices).sum() == n_vertices
+        with pytest.raises(options.DataError, match="expected 163842 zeros and ones, 100 ones"):
+            utils.load_fsaverage_mask(paths.fsaverage_mask_path("lh"), 100)
     # like NSD: a quarter of the training images are seen by both subjects (the same PNG), the rest are distinct
     images = {s: utils.list_images(utils.find_subject(demo_root, s).train_images) for s in REAL_VERTICES}
     ids = {s: dict(zip(utils.nsd_ids(images[s]).tolist(), images[s])) for s in images}
@@ -123,11 +148,11 @@ def test_dataset_is_valid_official_layout(demo_root):
 def test_imagefolder_and_labels(demo_root):
     from torchvision.datasets import ImageFolder
     folder = ImageFolder(demo_root / "imagefolder")
-    assert folder.classes == sorted(demo._CATEGORIES) and len(folder) == 10
+    assert folder.classes == sorted(synthetic_images.CATEGORIES) and len(folder) == 10
     assert folder[0][0].size == (32, 32)
     labels = json.loads((demo_root / "subj01" / "demo_labels.json").read_text())
     names = [p.name for p in utils.list_images(utils.find_subject(demo_root, 1).train_images)]
-    assert labels["images"] == names and labels["categories"] == list(demo._CATEGORIES)
+    assert labels["images"] == names and labels["categories"] == list(synthetic_images.CATEGORIES)
     area, present = np.array(labels["area"]), np.array(labels["present"])
     assert area.shape == present.shape == (40, 5) and np.array_equal(present, area > 0)
     assert present.any(axis=0).all()  # every category appears somewhere
@@ -217,7 +242,8 @@ def test_noise_ceiling_is_signal_variance_fraction():
     labels["streams"][100:150] = 5
     mapping = {fam: {0: "Unknown", **dict(enumerate(utils.ROIS_BY_FAMILY[fam], 1))} for fam in utils.ROI_FAMILIES}
     tuning = demo.voxel_tuning(labels, mapping, "lh", rng)
-    features = rng.gamma(2.0, size=(3000, demo._N_ORIENT + len(demo._CATEGORIES), demo._GRID ** 2)).astype(np.float32)
+    n_channels = demo.N_ORIENT + len(synthetic_images.CATEGORIES)
+    features = rng.gamma(2.0, size=(3000, n_channels, synthetic_images.GRID ** 2)).astype(np.float32)
     for level in (1.0, 2.0):
         fmri, nc = demo.simulate_fmri(features, tuning, level, np.random.default_rng(1))
         signal = demo.voxel_signals(features, tuning)

@@ -10,15 +10,15 @@ from sklearn.linear_model import Ridge, RidgeCV
 
 import encoding
 import pca
-import make_demo_data
+import synthetic_data
 
 GRID = np.logspace(-1, 4, 6)
 
 
 @pytest.fixture(scope="module")
 def data():
-    return make_demo_data.make_synthetic_encoding_data(n_train=300, n_val=120, n_test=80, n_features=40, n_voxels=60,
-                                           rank=8, seed=3)
+    return synthetic_data.make_synthetic_encoding_data(n_train=300, n_val=120, n_test=80, n_features=40, n_voxels=60,
+                                                       rank=8, seed=3)
 
 
 def sklearn_predictions(d, alpha, split="test"):

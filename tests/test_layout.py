@@ -53,5 +53,4 @@ def test_import_graph_has_no_cycle_and_modules_import_alone():
 def test_every_file_says_what_it_holds_and_stays_readable(name):
     text = (REPO / f"{name}.py").read_text()
     assert ast.get_docstring(ast.parse(text)), f"{name}.py has no module docstring"
-    if name != "make_demo_data":  # the demo generator draws images and simulates responses (one job, long)
-        assert len(text.splitlines()) <= 530, f"{name}.py: {len(text.splitlines())} lines (about 500 at most)"
+    assert len(text.splitlines()) <= 500, f"{name}.py: {len(text.splitlines())} lines (500 at most)"

@@ -8,17 +8,17 @@ import sys
 import numpy as np
 from PIL import Image
 
-import make_demo_data
+import mask_bundle
 import utils
 from conftest import REPO
 
 
 def _dataset_with_real_masks(root, n_images=3):
     """Official layout: the bundled real masks of subj01..08, tiny images and zero fMRI of the real width."""
-    masks, mappings = make_demo_data.load_mask_bundle()
+    masks, mappings = mask_bundle.load_mask_bundle()
     for subject in sorted(masks):
         s2 = utils.subject_dir_name(subject)
-        make_demo_data.write_roi_masks(masks, mappings, subject, root / s2 / "roi_masks")
+        mask_bundle.write_roi_masks(masks, mappings, subject, root / s2 / "roi_masks")
         img_dir = root / s2 / "training_split" / "training_images"
         fmri_dir = root / s2 / "training_split" / "training_fmri"
         img_dir.mkdir(parents=True)
