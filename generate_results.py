@@ -69,6 +69,7 @@ import numpy as np  # noqa: E402
 import feature_sets as sets  # noqa: E402
 import features  # noqa: E402
 import outputs  # noqa: E402
+import paths  # noqa: E402
 import plots  # noqa: E402
 import probes  # noqa: E402
 import results_utils  # noqa: E402
@@ -112,11 +113,11 @@ if "single-subj" in result_types:
             for feature_set, absent in missing.items():
                 print(f"note: subj{subject:02d} {hemi}: no {feature_set} model for {len(absent)} ROI(s) "
                       f"({', '.join(absent)}); their cells are left empty")
-            base = results / utils.subject_dir_name(subject) / f"single_subj_{hemi}"
+            base = results / paths.subject_dir_name(subject) / f"single_subj_{hemi}"
             outputs.save_csv(base.with_suffix(".csv"), rows, config, **study.provenance())
             outputs.save_npz(base.with_name(base.name + "_voxel_r.npz"), voxel_r, config, rows=set_names,
                              metric="test Pearson r per voxel", **study.provenance())
-            title = f"{utils.subject_dir_name(subject)} {hemi}"
+            title = f"{paths.subject_dir_name(subject)} {hemi}"
             outputs.save_text(base.with_suffix(".md"), f"## {title}: test-split encoding accuracy per ROI\n\n"
                               + results_utils.markdown_report(rows, set_names, pairs), config)
             nonempty = [r for r in rows if r["n_voxels"]]

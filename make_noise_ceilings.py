@@ -29,13 +29,14 @@ import numpy as np
 
 import options
 import outputs
+import paths
 import utils
 
 FSAVERAGE_VERTICES = 163842  # vertices per hemisphere of FreeSurfer's fsaverage surface
 
 
 def ncsnr_path(nsd_root, subject: int, hemi: str) -> Path:
-    return (Path(nsd_root) / "nsddata_betas" / "ppdata" / utils.subject_dir_name(subject) / "fsaverage"
+    return (Path(nsd_root) / "nsddata_betas" / "ppdata" / paths.subject_dir_name(subject) / "fsaverage"
             / "betas_fithrf_GLMdenoise_RR" / f"{hemi}.ncsnr.mgh")
 
 
@@ -115,7 +116,7 @@ ceilings = {(s, h): challenge_noise_ceiling(s, h) for s in subject_list for h in
 
 rows = []
 for (subject, hemi), (nc, source) in ceilings.items():
-    out_path = Path(noise_ceiling_dir) / utils.subject_dir_name(subject) / f"{hemi}_noise_ceiling.npy"
+    out_path = Path(noise_ceiling_dir) / paths.subject_dir_name(subject) / f"{hemi}_noise_ceiling.npy"
     outputs.save_npy(out_path, nc, config, subject=subject, hemisphere=hemi, ncsnr_file=str(source),
                      trials_per_image=subject_trials(subject))
     rows.append({"subject": subject, "hemisphere": hemi, "vertices": nc.size, "n": subject_trials(subject),

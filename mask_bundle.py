@@ -11,6 +11,7 @@ import numpy as np
 
 import options
 import outputs
+import paths
 import utils
 
 ASSETS_DIR = Path(__file__).resolve().parent / "demo_assets"  # bundled copy of the real ROI masks
@@ -20,7 +21,7 @@ FSAVERAGE_BUNDLE = "fsaverage_masks.npz"  # packed 0/1 bits of {lh,rh}.all-verti
 
 def _subject_mask_dir(source: Path, subject: int) -> Path:
     """A subject's mask folder in a mask-only tree (subjXX/) or a full download (subjXX/roi_masks/)."""
-    subject_dir = source / utils.subject_dir_name(subject)
+    subject_dir = source / paths.subject_dir_name(subject)
     return subject_dir / "roi_masks" if (subject_dir / "roi_masks").is_dir() else subject_dir
 
 
@@ -84,13 +85,13 @@ def save_mask_bundle(masks, mappings, bundle_dir=ASSETS_DIR, config=None) -> tup
             for family, labels in by_family.items():
                 if labels.min(initial=0) < -128 or labels.max(initial=0) > 127:
                     raise options.DataError(f"subject {subject} {hemi}.{family}: labels outside int8 range")
-                arrays[f"{utils.subject_dir_name(subject)}/{hemi}.{family}"] = labels.astype(np.int8)
+                arrays[f"{paths.subject_dir_name(subject)}/{hemi}.{family}"] = labels.astype(np.int8)
     as_json = {s: {fam: {str(k): v for k, v in m.items()} for fam, m in by_fam.items()}
                for s, by_fam in mappings.items()}
     common = next(iter(as_json.values()))
     # One family -> {id: name} table when every subject has the same mappings (they do), else one per subject.
     table = common if all(m == common for m in as_json.values()) else {
-        utils.subject_dir_name(s): m for s, m in as_json.items()}
+        paths.subject_dir_name(s): m for s, m in as_json.items()}
     npz_path = outputs.save_npz(bundle_dir / "roi_masks.npz", arrays, config)
     json_path = outputs.save_json(bundle_dir / "roi_mappings.json", table, config)
     return npz_path, json_path
@@ -98,7 +99,7 @@ def save_mask_bundle(masks, mappings, bundle_dir=ASSETS_DIR, config=None) -> tup
 
 def save_fsaverage_bundle(fsaverage_masks: dict, bundle_dir=ASSETS_DIR, config=None) -> Path:
     """Write fsaverage masks as packed bits (20 KB a hemisphere before compression) under keys 'subj01/lh'."""
-    arrays = {f"{utils.subject_dir_name(s)}/{hemi}": np.packbits(mask.astype(bool))
+    arrays = {f"{paths.subject_dir_name(s)}/{hemi}": np.packbits(mask.astype(bool))
               for s, by_hemi in fsaverage_masks.items() for hemi, mask in by_hemi.items()}
     return outputs.save_npz(Path(bundle_dir) / FSAVERAGE_BUNDLE, arrays, config)
 
@@ -135,7 +136,7 @@ def load_mask_bundle(bundle_dir=ASSETS_DIR, subjects=None):
     masks, mappings = {}, {}
     with np.load(npz_path, allow_pickle=False) as npz:
         for subject in chosen:
-            s2 = utils.subject_dir_name(subject)
+            s2 = paths.subject_dir_name(subject)
             masks[subject] = {hemi: {fam: npz[f"{s2}/{hemi}.{fam}"].astype(np.int64) for fam in utils.ROI_FAMILIES}
                               for hemi in utils.HEMISPHERES}
             by_family = table.get(s2, table)
@@ -148,7 +149,7 @@ def load_fsaverage_bundle(bundle_dir=ASSETS_DIR, subjects=None) -> dict:
     path = Path(bundle_dir) / FSAVERAGE_BUNDLE
     chosen = _open_bundle(path, subjects)
     with np.load(path, allow_pickle=False) as npz:
-        return {s: {hemi: np.unpackbits(npz[f"{utils.subject_dir_name(s)}/{hemi}"],
+        return {s: {hemi: np.unpackbits(npz[f"{paths.subject_dir_name(s)}/{hemi}"],
                                         count=utils.FSAVERAGE_VERTICES).astype(bool) for hemi in utils.HEMISPHERES}
                 for s in chosen}
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
+import paths
 import utils
 
 METHOD_COLOURS = {"untuned": "#9e9e9e", "reg": "#1f77b4", "cl": "#d62728", "pooled-reg": "#9ecae1",
@@ -85,7 +86,7 @@ def plot_transfer_matrix(matrix: np.ndarray, subjects, title: str, colorbar_labe
         for j in range(matrix.shape[1]):
             text = "–" if not np.isfinite(matrix[i, j]) else f"{matrix[i, j]:.2f}"
             ax.text(j, i, text, ha="center", va="center", fontsize=8, color="white" if i != j else "cyan")
-    names = [utils.subject_dir_name(s) for s in subjects]
+    names = [paths.subject_dir_name(s) for s in subjects]
     ax.set_xticks(range(len(subjects)), names, rotation=45)
     ax.set_yticks(range(len(subjects)), names)
     ax.set_xlabel("encoded subject (target)")
@@ -101,7 +102,7 @@ def plot_probe_bars(rows: list[dict], title: str):
     from matplotlib.patches import Patch
     plt = _plt()
     tuned = [r for r in rows if r["method"] != "untuned"]
-    labels = [f"{r['method']} {utils.subject_dir_name(r['subject']) + ' ' if r['subject'] else ''}{r['hemisphere']} "
+    labels = [f"{r['method']} {paths.subject_dir_name(r['subject']) + ' ' if r['subject'] else ''}{r['hemisphere']} "
               f"{r['roi']}" for r in tuned]
     fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(tuned) + 2), 4))
     ax.bar(range(len(tuned)), [100 * r["accuracy"] for r in tuned],
@@ -131,7 +132,7 @@ def plot_leave_one_subject_out(rows: list[dict]):
     columns = [("untuned", "untuned", "untuned"), ("own", None, "own per-subject backbone"),
                ("with_subject", None, "pooled, trained with the subject"),
                ("without_subject", None, "pooled, trained WITHOUT the subject")]
-    labels = [f"{utils.subject_dir_name(r['subject'])} {r['hemisphere']} {r['roi']} ({r['feature_set']})" for r in rows]
+    labels = [f"{paths.subject_dir_name(r['subject'])} {r['hemisphere']} {r['roi']} ({r['feature_set']})" for r in rows]
     fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(rows) + 3), 4))
     width = 0.8 / len(columns)
     x = np.arange(len(rows))
@@ -152,7 +153,7 @@ def plot_candidate_shares(rows: list[dict], kinds):
     """Per subject, hemisphere and ROI: the share of vertices whose submitted prediction uses each kind of
     candidate feature set (stacked bars), from predict_test_images.py's report rows."""
     plt = _plt()
-    labels = [f"{utils.subject_dir_name(r['subject'])} {r['hemisphere']} {r['vertices']}" for r in rows]
+    labels = [f"{paths.subject_dir_name(r['subject'])} {r['hemisphere']} {r['vertices']}" for r in rows]
     fig, ax = plt.subplots(figsize=(max(8, 0.22 * len(rows) + 3), 4))
     bottom = np.zeros(len(rows))
     for kind in kinds:
@@ -179,7 +180,7 @@ def plot_retrieval(rows: list[dict], feature_sets):
             key = next((k for k in r if k.startswith("top1_of_") and k.endswith(f"_{s}")
                         and not k.startswith("top1_of_all")), None)
             if key is not None:
-                entries.append((f"{utils.subject_dir_name(r['subject'])} {r['hemisphere']} {r['roi']}", s, r[key],
+                entries.append((f"{paths.subject_dir_name(r['subject'])} {r['hemisphere']} {r['roi']}", s, r[key],
                                 r[f"{key}_ci_low"], r[f"{key}_ci_high"], r.get(f"control_{key}"),
                                 r.get("chance_" + key[:-len(s) - 1]), key.split("_")[2]))
     fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(entries) + 3), 4))

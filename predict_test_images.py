@@ -54,6 +54,7 @@ from tqdm import tqdm  # noqa: E402
 import encoding  # noqa: E402
 import feature_sets as sets  # noqa: E402
 import outputs  # noqa: E402
+import paths  # noqa: E402
 import plots  # noqa: E402
 import search  # noqa: E402
 import study as encoding_study  # noqa: E402
@@ -100,7 +101,7 @@ def fit_candidate(x: dict, y_train, y_val, compute_coef: bool):
 summary_rows, predictions, choices = [], {}, {}
 for subject in subject_list:
     d = study.subject(subject)
-    s2 = utils.subject_dir_name(subject)
+    s2 = paths.subject_dir_name(subject)
     n_test_images = len(challenge[subject])
     for hemi in settings.hemispheres:
         fmri = np.asarray(d.fmri[hemi])

@@ -13,6 +13,7 @@ import numpy as np
 import mask_bundle
 import options
 import outputs
+import paths
 import utils
 from synthetic_images import CATEGORIES, GRID, render_many
 
@@ -287,7 +288,7 @@ def generate_dataset(out: Path, opts: dict, masks: dict, mappings: dict, fsavera
     # Training images: one render per NSD id, written into every subject that saw it.
     destinations: dict = {}
     for subject in subjects:
-        s2 = utils.subject_dir_name(subject)
+        s2 = paths.subject_dir_name(subject)
         img_dir = out / s2 / "training_split" / "training_images"
         img_dir.mkdir(parents=True)
         for row, nsd in enumerate(train_ids[subject]):
@@ -304,7 +305,7 @@ def generate_dataset(out: Path, opts: dict, masks: dict, mappings: dict, fsavera
     # Test images (no fMRI, as in the challenge).
     test_tasks = []
     for subject in subjects if opts["n_test_images"] else []:
-        test_dir = out / utils.subject_dir_name(subject) / "test_split" / "test_images"
+        test_dir = out / paths.subject_dir_name(subject) / "test_split" / "test_images"
         test_dir.mkdir(parents=True)
         test_tasks += [([seed, 1, int(nsd)], opts["image_px"], [test_dir / f"test-{row + 1:04d}_nsd-{nsd:05d}.png"],
                         {}, False) for row, nsd in enumerate(test_ids[subject])]
@@ -313,7 +314,7 @@ def generate_dataset(out: Path, opts: dict, masks: dict, mappings: dict, fsavera
     # fMRI, noise ceilings, ROI masks and labels per subject.
     n_vertices = {}
     for subject in subjects:
-        s2 = utils.subject_dir_name(subject)
+        s2 = paths.subject_dir_name(subject)
         rows = np.array([row_of[int(nsd)] for nsd in train_ids[subject]])
         mask_bundle.write_roi_masks(masks, mappings, subject, out / s2 / "roi_masks")
         mask_bundle.write_fsaverage_masks(fsaverage_masks, subject, out / s2 / "roi_masks")
@@ -355,7 +356,7 @@ def generate_dataset(out: Path, opts: dict, masks: dict, mappings: dict, fsavera
         "n_test_images": opts["n_test_images"],
         "n_shared_images": len(shared),
         "image_px": opts["image_px"],
-        "n_vertices": {utils.subject_dir_name(s): {h: n_vertices[(s, h)] for h in utils.HEMISPHERES}
+        "n_vertices": {paths.subject_dir_name(s): {h: n_vertices[(s, h)] for h in utils.HEMISPHERES}
                        for s in subjects},
         "categories": list(CATEGORIES),
         "imagefolder_per_class": opts["imagefolder_per_class"],

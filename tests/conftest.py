@@ -12,6 +12,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("MPLBACKEND", "Agg")
 
+import paths  # noqa: E402
 import utils  # noqa: E402
 
 
@@ -75,7 +76,7 @@ def make_tiny_dataset(root: Path, subjects=(1, 2), n_images: int = 48, n_vertice
     rng = np.random.default_rng(seed)
     root = Path(root)
     for subject in subjects:
-        s2 = utils.subject_dir_name(subject)
+        s2 = paths.subject_dir_name(subject)
         if layout == "official":
             img_dir = root / s2 / "training_split" / "training_images"
             fmri_dir = root / s2 / "training_split" / "training_fmri"

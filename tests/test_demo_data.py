@@ -9,6 +9,7 @@ import pytest
 import mask_bundle as bundle
 import options
 import outputs
+import paths
 import synthetic_data as demo
 import synthetic_images
 import utils
@@ -40,7 +41,7 @@ def test_bundle_equals_real_masks():
     masks, mappings = bundle.load_mask_bundle()
     assert sorted(masks) == list(range(1, 9))
     for subject in range(1, 9):
-        roi_dir = bundle.SHARED_MASKS / utils.subject_dir_name(subject)
+        roi_dir = bundle.SHARED_MASKS / paths.subject_dir_name(subject)
         for family in utils.ROI_FAMILIES:
             assert mappings[subject][family] == utils.load_roi_mapping(roi_dir / f"mapping_{family}.npy")
             for hemi in utils.HEMISPHERES:
@@ -59,7 +60,7 @@ def test_fsaverage_bundle_equals_real_masks():
     assert sorted(fsaverage) == list(range(1, 9))
     for subject in range(1, 9):
         for hemi in utils.HEMISPHERES:
-            path = bundle.SHARED_MASKS / utils.subject_dir_name(subject) / f"{hemi}.all-vertices_fsaverage_space.npy"
+            path = bundle.SHARED_MASKS / paths.subject_dir_name(subject) / f"{hemi}.all-vertices_fsaverage_space.npy"
             original = np.load(path, allow_pickle=False)
             assert original.shape == (163842,) and fsaverage[subject][hemi].dtype == bool
             np.testing.assert_array_equal(fsaverage[subject][hemi], original == 1)
@@ -94,7 +95,7 @@ def test_mask_folder_round_trip(tmp_path):
     """save_mask_bundle -> load_mask_bundle reproduces what read_mask_folder read (int8 packing is lossless)."""
     masks, mappings = bundle.load_mask_bundle(subjects=[1, 6])
     for subject in (1, 6):
-        roi_dir = tmp_path / "src" / utils.subject_dir_name(subject) / "roi_masks"
+        roi_dir = tmp_path / "src" / paths.subject_dir_name(subject) / "roi_masks"
         bundle.write_roi_masks(masks, mappings, subject, roi_dir)
     read_masks, read_mappings = bundle.read_mask_folder(tmp_path / "src")
     bundle.save_mask_bundle(read_masks, read_mappings, tmp_path / "bundle")

@@ -9,6 +9,7 @@ import numpy as np
 from PIL import Image
 
 import mask_bundle
+import paths
 import utils
 from conftest import REPO
 
@@ -17,7 +18,7 @@ def _dataset_with_real_masks(root, n_images=3):
     """Official layout: the bundled real masks of subj01..08, tiny images and zero fMRI of the real width."""
     masks, mappings = mask_bundle.load_mask_bundle()
     for subject in sorted(masks):
-        s2 = utils.subject_dir_name(subject)
+        s2 = paths.subject_dir_name(subject)
         mask_bundle.write_roi_masks(masks, mappings, subject, root / s2 / "roi_masks")
         img_dir = root / s2 / "training_split" / "training_images"
         fmri_dir = root / s2 / "training_split" / "training_fmri"
@@ -51,7 +52,7 @@ def test_mappings_of_all_eight_real_subjects(tmp_path):
     assert proc.returncode == 0, proc.stderr
     widths = {1: (19004, 20544), 6: (18978, 20220), 8: (18981, 20530)}
     for subject in range(1, 9):
-        folder = out / "voxel_roi_mappings" / utils.subject_dir_name(subject)
+        folder = out / "voxel_roi_mappings" / paths.subject_dir_name(subject)
         for h, hemi in enumerate(utils.HEMISPHERES):
             got = json.loads((folder / f"{hemi}_voxel_roi_mappings.json").read_text())
             assert len(got) == widths.get(subject, widths[1])[h]

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import options
+import paths
 import utils
 from conftest import REPO, make_tiny_dataset, run_script
 
@@ -36,7 +37,7 @@ def nsd(tmp_path):
             ncsnr = rng.uniform(0, 1.5, FSAVERAGE)
             ncsnr[vertices[0] - 1] = np.nan     # NSD leaves some vertices outside the challenge space undefined
             ncsnr[vertices[5]] = 1.0            # NC = 1 / (1 + 1/n): 0.75 for n = 3
-            write_ncsnr(nsd_dir / "nsddata_betas" / "ppdata" / utils.subject_dir_name(subject) / "fsaverage"
+            write_ncsnr(nsd_dir / "nsddata_betas" / "ppdata" / paths.subject_dir_name(subject) / "fsaverage"
                         / "betas_fithrf_GLMdenoise_RR" / f"{hemi}.ncsnr.mgh", ncsnr)
             truth[subject, hemi] = vertices, ncsnr
     return data, nsd_dir, tmp_path / "nc", truth
@@ -52,12 +53,12 @@ def test_noise_ceilings_from_ncsnr_are_read_by_the_results(nsd):
                                                          "--subjects=1,2"))
     assert "wrote noise ceilings of 2 subject(s)" in printed
     for (subject, hemi), (vertices, ncsnr) in truth.items():
-        nc = np.load(out / utils.subject_dir_name(subject) / f"{hemi}_noise_ceiling.npy")
+        nc = np.load(out / paths.subject_dir_name(subject) / f"{hemi}_noise_ceiling.npy")
         # independent form of ncsnr^2 / (ncsnr^2 + 1/n): 1 - 1 / (1 + n ncsnr^2), at the mask's ones in order
         expected = 1 - 1 / (1 + 3 * ncsnr[vertices].astype(np.float32).astype(np.float64) ** 2)
         np.testing.assert_allclose(nc, expected, rtol=1e-6, atol=1e-7)   # float32 files
         assert nc[5] == pytest.approx(0.75)
-        assert (out / utils.subject_dir_name(subject) / f"{hemi}_noise_ceiling.npy.meta.json").is_file()
+        assert (out / paths.subject_dir_name(subject) / f"{hemi}_noise_ceiling.npy.meta.json").is_file()
         # the results' reader takes them as fractions of the subject's vertices
         loaded = utils.load_noise_ceiling(utils.find_subject(data, subject), hemi, N_VERTICES, out)
         np.testing.assert_allclose(loaded, nc)
@@ -69,7 +70,7 @@ def test_trials_per_image_is_per_subject(nsd):
     for subject, n in ((1, 1.0), (2, 2.5)):
         vertices, ncsnr = truth[subject, "rh"]
         snr2 = ncsnr[vertices].astype(np.float32).astype(np.float64) ** 2
-        np.testing.assert_allclose(np.load(out / utils.subject_dir_name(subject) / "rh_noise_ceiling.npy"),
+        np.testing.assert_allclose(np.load(out / paths.subject_dir_name(subject) / "rh_noise_ceiling.npy"),
                                    n * snr2 / (n * snr2 + 1), rtol=1e-6, atol=1e-7)
     with pytest.raises(options.OptionsError, match="subject 2 has -1.0"):
         run_script("make_noise_ceilings.py", *args(data, nsd_dir, out / "x", "--trials_per_image=3,-1"))
@@ -78,7 +79,7 @@ def test_trials_per_image_is_per_subject(nsd):
 
 
 def ncsnr_file(nsd_dir, subject, hemi):
-    return (nsd_dir / "nsddata_betas" / "ppdata" / utils.subject_dir_name(subject) / "fsaverage"
+    return (nsd_dir / "nsddata_betas" / "ppdata" / paths.subject_dir_name(subject) / "fsaverage"
             / "betas_fithrf_GLMdenoise_RR" / f"{hemi}.ncsnr.mgh")
 
 
