@@ -12,8 +12,7 @@ import significance
 import utils
 from study import EncodingStudy
 
-SET_LABELS = {"untuned": "untuned", "reg": "reg-tuned", "cl": "CL-tuned", "pooled-reg": "pooled reg",
-              "pooled-cl": "pooled CL"}
+STATISTICS = ("mean", "median")
 
 
 def percent_improved(r_new, r_base) -> float:
@@ -21,6 +20,14 @@ def percent_improved(r_new, r_base) -> float:
     r_new, r_base = np.asarray(r_new, dtype=float), np.asarray(r_base, dtype=float)
     both = np.isfinite(r_new) & np.isfinite(r_base)
     return float(100.0 * (r_new[both] > r_base[both]).mean()) if both.any() else float("nan")
+
+
+def _float(value) -> float:
+    """A table cell as a float: NaN for None, '' or a note (rows read back from CSV hold strings)."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")
 
 
 def _finite_mean_median(values) -> tuple[float, float, int]:
@@ -79,10 +86,11 @@ def single_subject_rows(study: EncodingStudy, subject: int, hemi: str, rois, fea
                         retrieval_candidates: int = 300):
     """Per-ROI rows of one subject and hemisphere, per-voxel test r, and {feature set: ROIs without a model}.
 
-    Per set: the layer it was read at, mean and median test r over the ROI's voxels, the challenge score where
-    a noise ceiling is known, and (contrastive sets) fMRI -> image retrieval on the test split. Per comparison
-    a:b: % voxels improved, the difference of mean and median r with bootstrap CIs and permutation p-values over
-    test images. Missing models give empty cells; empty ROIs a row with n_voxels 0.
+    Per set: the layer it was read at, mean and median test r over the ROI's voxels with bootstrap CIs over test
+    images ({mean,median}_r_<set>_ci_low/_ci_high), the challenge score where a noise ceiling is known, and
+    (contrastive sets) fMRI -> image retrieval on the test split. Per comparison a:b: % voxels improved, the
+    difference of mean and median r with bootstrap CIs ({stat}_diff_a_vs_b_ci_low/_ci_high) and permutation
+    p-values over test images. Missing models give empty cells; empty ROIs a row with n_voxels 0.
     """
     rows, voxel_r, missing = [], {}, {}
     d = study.subject(subject)
@@ -100,14 +108,19 @@ def single_subject_rows(study: EncodingStudy, subject: int, hemi: str, rois, fea
         voxel_r[roi] = np.stack([r[s] for s in feature_sets]).astype(np.float32)
         for s in feature_sets:
             row[f"layer_{s}"] = "/".join(dict.fromkeys(fits[s].layers)) if fits[s] is not None else ""
+        truth = study.test_truth(subject, hemi, roi)
         for s in feature_sets:
             row[f"mean_r_{s}"], row[f"median_r_{s}"], row[f"nan_voxels_{s}"] = _finite_mean_median(r[s])
+            boot = significance.bootstrap_r_ci(truth, fits[s].prediction, n_bootstrap, seed) \
+                if fits[s] is not None else {}
+            for stat in STATISTICS:
+                for end in ("ci_low", "ci_high"):
+                    row[f"{stat}_r_{s}_{end}"] = float(boot.get(f"{stat}_{end}", np.nan))
             if ceiling is not None and fits[s] is not None:
                 score = encoding.challenge_score(r[s], ceiling[idx])
                 row[f"mean_challenge_score_{s}"], row[f"median_challenge_score_{s}"], _ = _finite_mean_median(score)
             if fits[s] is not None and feature_sets_module.is_tuned(s):
                 row.update(seed_columns(s, fits[s].per_seed))
-        truth = study.test_truth(subject, hemi, roi)
         for a, b in comparisons:
             if fits[a] is None or fits[b] is None:
                 continue
@@ -119,7 +132,8 @@ def single_subject_rows(study: EncodingStudy, subject: int, hemi: str, rois, fea
             boot = significance.bootstrap_r_diff(truth, fits[a].prediction, fits[b].prediction, n_bootstrap, seed)
             for stat in ("median", "mean"):
                 row[f"{stat}_diff_{a}_vs_{b}"] = boot[f"{stat}_diff"]
-                row[f"ci95_{stat}_diff_{a}_vs_{b}"] = f"[{boot[f'{stat}_ci_low']:.3f}, {boot[f'{stat}_ci_high']:.3f}]"
+                row[f"{stat}_diff_{a}_vs_{b}_ci_low"] = boot[f"{stat}_ci_low"]
+                row[f"{stat}_diff_{a}_vs_{b}_ci_high"] = boot[f"{stat}_ci_high"]
                 row[f"perm_p_{stat}_{a}_vs_{b}"] = perm[f"p_{stat}"]
             row.update(seed_diff_columns(a, b, fits[a].per_seed, fits[b].per_seed))
         for s in (s for s in feature_sets if s.endswith("cl") and fits[s] is not None):
@@ -136,27 +150,47 @@ def single_subject_rows(study: EncodingStudy, subject: int, hemi: str, rois, fea
     return significance.add_fdr_columns(rows, p_columns), voxel_r, missing
 
 
+def _ci_text(low, high) -> str:
+    low, high = _float(low), _float(high)
+    return f"[{low:.3f}, {high:.3f}]" if np.isfinite(low) and np.isfinite(high) else "–"
+
+
+def _table_with_cis(rows: list[dict], columns, with_ci=None) -> str:
+    """Markdown table of the present columns; each of with_ci (default: every column with c_ci_low/c_ci_high in
+    the rows) followed by its CI as '[lo, hi]'."""
+    present = {k for r in rows for k in r}
+    shown = [c for c in columns if c in present]
+    annotated = [c for c in (shown if with_ci is None else with_ci) if c in shown and f"{c}_ci_low" in present]
+    for c in annotated:
+        shown.insert(shown.index(c) + 1, f"{c} 95% CI")
+    display = [{**r, **{f"{c} 95% CI": _ci_text(r.get(f"{c}_ci_low"), r.get(f"{c}_ci_high")) for c in annotated}}
+               for r in rows]
+    return outputs.markdown_table(display, shown)
+
+
 def markdown_report(rows: list[dict], feature_sets, comparisons) -> str:
-    """A single-subject table as readable Markdown: accuracy per set, one table per comparison, CL retrieval."""
+    """A single-subject table as readable Markdown: accuracy per set, one table per comparison, CL retrieval;
+    CIs shown as '[lo, hi]' after their statistic."""
     present = {k for r in rows for k in r}
     shown = [s for s in feature_sets if any(r.get(f"layer_{s}") for r in rows)]
     accuracy = ["roi", "n_voxels"] + [f"{k}_{s}" for k in ("layer", "mean_r", "median_r",
                                                              "median_challenge_score") for s in shown]
-    text = "### Accuracy per feature set (test split)\n\n" + outputs.markdown_table(
-        rows, [c for c in accuracy if c in present])
+    text = ("### Accuracy per feature set (test split; 95% bootstrap CI of the median over test images)\n\n"
+            + _table_with_cis(rows, accuracy, [f"median_r_{s}" for s in shown]))
     for a, b in comparisons:
         pair = f"{a}_vs_{b}"
-        columns = ["roi", f"pct_improved_{pair}"] + [c for stat in ("mean", "median") for c in (
-            f"{stat}_diff_{pair}", f"ci95_{stat}_diff_{pair}", f"perm_p_{stat}_{pair}", f"perm_p_{stat}_{pair}_fdr")]
+        columns = ["roi", f"pct_improved_{pair}"] + [c for stat in STATISTICS for c in (
+            f"{stat}_diff_{pair}", f"perm_p_{stat}_{pair}", f"perm_p_{stat}_{pair}_fdr")]
         if columns[1] in present:
             text += (f"\n### {a} vs {b}: % voxels improved; difference of the ROI's mean and median r with 95% "
                      "bootstrap CI and permutation p over test images (and BH-FDR across ROIs)\n\n"
-                     + outputs.markdown_table([r for r in rows if columns[1] in r], columns))
+                     + _table_with_cis([r for r in rows if columns[1] in r], columns))
     retrieval = ["roi", "n_test_images"] + sorted(c for c in present if c.startswith(("top1_", "top5_", "control_",
-                                                                                        "chance_")))
+                                                                                        "chance_"))
+                                                  and not c.endswith(("_ci_low", "_ci_high")))
     if len(retrieval) > 2:
         text += ("\n### fMRI -> image retrieval of the contrastive models (test split; control: fMRI rows "
-                 "shuffled)\n\n" + outputs.markdown_table([r for r in rows if r["n_voxels"]], retrieval))
+                 "shuffled)\n\n" + _table_with_cis([r for r in rows if r["n_voxels"]], retrieval))
     return text
 
 
@@ -265,3 +299,95 @@ def leave_one_subject_out_rows(study: EncodingStudy, subjects, hemi: str, roi: s
                 row["pct_improved_without_subject_vs_untuned"] = percent_improved(loso.r, fits["untuned"].r)
             rows.append(row)
     return rows
+
+
+# ---- Tidy tables: one row per (subject, hemisphere, ROI, set or comparison, statistic) ----
+
+TIDY_COLUMNS = ("subject", "hemisphere", "roi", "roi_family", "group", "n_voxels", "kind", "feature_set", "baseline",
+                "comparison", "statistic", "value", "ci_low", "ci_high", "p", "p_fdr", "layer")
+
+
+def _tidy(row: dict, kind: str, statistic: str, value, *, feature_set="", baseline="", ci=(np.nan, np.nan),
+          p=np.nan, p_fdr=np.nan, layer="") -> dict:
+    return {"subject": int(row["subject"]), "hemisphere": row["hemisphere"], "roi": row["roi"],
+            "roi_family": utils.ROI_FAMILY_OF.get(row["roi"], ""), "group": utils.roi_group(row["roi"]),
+            "n_voxels": int(_float(row.get("n_voxels", 0))), "kind": kind, "feature_set": feature_set,
+            "baseline": baseline, "comparison": f"{feature_set}:{baseline}" if baseline else "",
+            "statistic": statistic, "value": _float(value), "ci_low": _float(ci[0]), "ci_high": _float(ci[1]),
+            "p": _float(p), "p_fdr": _float(p_fdr), "layer": layer}
+
+
+def tidy_rows(rows: list[dict], feature_sets, comparisons) -> list[dict]:
+    """Wide single-subject rows -> tidy rows (TIDY_COLUMNS): kind 'set' (mean_r, median_r, challenge scores),
+    'comparison' (pct_improved, mean_diff, median_diff with CI, permutation p and BH-FDR p) and 'retrieval'
+    (top1_of_<n>, top5_of_<n>, top1_of_all, control_top1_of_<n>, chance_top1_of_<n>). Only what was measured:
+    empty ROIs and sets without a model give no rows. Numbers are floats, CIs numeric."""
+    out = []
+    for row in (r for r in rows if _float(r.get("n_voxels", 0)) > 0):
+        for s in (s for s in feature_sets if row.get(f"layer_{s}") not in (None, "")):
+            layer = row[f"layer_{s}"]
+            for stat in ("mean_r", "median_r"):
+                out.append(_tidy(row, "set", stat, row.get(f"{stat}_{s}"), feature_set=s, layer=layer,
+                                 ci=(row.get(f"{stat}_{s}_ci_low"), row.get(f"{stat}_{s}_ci_high"))))
+            for stat in ("mean_challenge_score", "median_challenge_score"):
+                if f"{stat}_{s}" in row:
+                    out.append(_tidy(row, "set", stat, row[f"{stat}_{s}"], feature_set=s, layer=layer))
+        for a, b in comparisons:
+            pair = f"{a}_vs_{b}"
+            if f"pct_improved_{pair}" not in row:
+                continue
+            out.append(_tidy(row, "comparison", "pct_improved", row[f"pct_improved_{pair}"], feature_set=a,
+                             baseline=b))
+            for stat in STATISTICS:
+                column = f"{stat}_diff_{pair}"
+                out.append(_tidy(row, "comparison", f"{stat}_diff", row.get(column), feature_set=a, baseline=b,
+                                 ci=(row.get(f"{column}_ci_low"), row.get(f"{column}_ci_high")),
+                                 p=row.get(f"perm_p_{stat}_{pair}"), p_fdr=row.get(f"perm_p_{stat}_{pair}_fdr")))
+        for s in feature_sets:
+            for key in [k for k in row if k.endswith(f"_{s}") and k.startswith(("top1_of_", "top5_of_",
+                                                                                  "control_top1_of_"))]:
+                statistic = key[:-len(s) - 1]
+                out.append(_tidy(row, "retrieval", statistic, row[key], feature_set=s,
+                                 ci=(row.get(f"{key}_ci_low"), row.get(f"{key}_ci_high"))))
+                if statistic.startswith("top1_of_") and statistic != "top1_of_all":
+                    out.append(_tidy(row, "retrieval", f"chance_{statistic}", row.get(f"chance_{statistic}"),
+                                     feature_set=s))
+    return out
+
+
+def tidy_matrix_rows(matrices: dict, subjects, **keys) -> list[dict]:
+    """Cross-subject matrices {statistic: source x target array} -> rows of keys (e.g. method, hemisphere, roi),
+    source, target, same_subject, statistic, value; NaN cells (no model) are left out."""
+    out = []
+    for statistic, matrix in matrices.items():
+        for i, source in enumerate(subjects):
+            for j, target in enumerate(subjects):
+                if np.isfinite(matrix[i, j]):
+                    out.append({**keys, "roi_family": utils.ROI_FAMILY_OF.get(keys.get("roi"), ""),
+                                "source": int(source), "target": int(target), "same_subject": source == target,
+                                "statistic": statistic, "value": float(matrix[i, j])})
+    return out
+
+
+LOSO_BACKBONES = ("without_subject", "with_subject", "own", "untuned")
+
+
+def tidy_loso_rows(rows: list[dict]) -> list[dict]:
+    """leave_one_subject_out_rows -> one row per (subject, hemisphere, ROI, pooled set, backbone, statistic):
+    backbone without_subject | with_subject | own | untuned; statistic mean_r | median_r | pct_improved_vs_untuned."""
+    out = []
+    for row in rows:
+        keys = {"subject": int(row["subject"]), "hemisphere": row["hemisphere"], "roi": row["roi"],
+                "roi_family": utils.ROI_FAMILY_OF.get(row["roi"], ""), "group": utils.roi_group(row["roi"]),
+                "feature_set": row["feature_set"]}
+        for backbone in LOSO_BACKBONES:
+            layer = row.get("layer_without_subject", "") if backbone == "without_subject" else ""
+            for stat in ("mean_r", "median_r"):
+                if f"{stat}_{backbone}" in row:
+                    out.append({**keys, "backbone": backbone, "statistic": stat,
+                                "value": _float(row[f"{stat}_{backbone}"]), "layer": layer})
+        if "pct_improved_without_subject_vs_untuned" in row:
+            out.append({**keys, "backbone": "without_subject", "statistic": "pct_improved_vs_untuned",
+                        "value": _float(row["pct_improved_without_subject_vs_untuned"]),
+                        "layer": row.get("layer_without_subject", "")})
+    return out

@@ -67,3 +67,86 @@ def test_group_table_takes_pooled_sets_where_they_have_a_model():
     assert table["All"]["n_rois"] == 2 and table["All"]["n_rois_pooled-cl"] == 1
     assert table["All"]["median_r_pooled-cl"] == pytest.approx(0.525)          # subjects 1-4 of FFA-1
     assert table["All"]["median_r_cl"] == pytest.approx(np.mean([r["median_r_cl"] for r in rows if r["n_voxels"]]))
+
+
+def two_roi_rows():
+    """One subject-hemisphere: FFA-1 with untuned, cl and the cl:untuned comparison and retrieval; V1v untuned only;
+    mTL-faces empty. Values as single_subject_rows writes them (CSV strings for V1v, as read back)."""
+    ffa = {"subject": 1, "hemisphere": "lh", "roi": "FFA-1", "group": "Higher", "n_voxels": 40,
+           "layer_untuned": "features.5", "layer_cl": "features.8",
+           "mean_r_untuned": 0.2, "median_r_untuned": 0.25, "mean_r_untuned_ci_low": 0.15,
+           "mean_r_untuned_ci_high": 0.24, "median_r_untuned_ci_low": 0.2, "median_r_untuned_ci_high": 0.3,
+           "mean_r_cl": 0.3, "median_r_cl": 0.33, "mean_r_cl_ci_low": 0.25, "mean_r_cl_ci_high": 0.35,
+           "median_r_cl_ci_low": 0.28, "median_r_cl_ci_high": 0.38, "median_challenge_score_cl": 41.0,
+           "pct_improved_cl_vs_untuned": 70.0,
+           "mean_diff_cl_vs_untuned": 0.1, "mean_diff_cl_vs_untuned_ci_low": 0.05,
+           "mean_diff_cl_vs_untuned_ci_high": 0.15, "perm_p_mean_cl_vs_untuned": 0.002,
+           "perm_p_mean_cl_vs_untuned_fdr": 0.004,
+           "median_diff_cl_vs_untuned": 0.08, "median_diff_cl_vs_untuned_ci_low": 0.01,
+           "median_diff_cl_vs_untuned_ci_high": 0.12, "perm_p_median_cl_vs_untuned": 0.03,
+           "perm_p_median_cl_vs_untuned_fdr": 0.06,
+           "top1_of_300_cl": 0.05, "top1_of_300_cl_ci_low": 0.03, "top1_of_300_cl_ci_high": 0.07,
+           "chance_top1_of_300": 1 / 300}
+    v1 = {"subject": "1", "hemisphere": "lh", "roi": "V1v", "group": "Early", "n_voxels": "12",
+          "layer_untuned": "features.2", "layer_cl": "", "mean_r_untuned": "0.4", "median_r_untuned": "0.45",
+          "mean_r_untuned_ci_low": "", "mean_r_untuned_ci_high": "", "median_r_untuned_ci_low": "0.4",
+          "median_r_untuned_ci_high": "0.5", "mean_r_cl": "nan", "median_r_cl": "nan"}
+    empty = {"subject": 1, "hemisphere": "lh", "roi": "mTL-faces", "group": "Higher", "n_voxels": 0,
+             "note": "empty ROI"}
+    return [ffa, v1, empty]
+
+
+def test_tidy_rows_by_hand():
+    tidy = results_utils.tidy_rows(two_roi_rows(), ["untuned", "cl"], [("cl", "untuned")])
+    assert all(set(r) == set(results_utils.TIDY_COLUMNS) for r in tidy)
+    keyed = {(r["roi"], r["kind"], r["feature_set"], r["statistic"]): r for r in tidy}
+    assert len(keyed) == len(tidy)
+    nan = np.nan
+    expected = {   # (roi, kind, set, statistic): value, ci_low, ci_high, p, p_fdr, layer
+        ("FFA-1", "set", "untuned", "mean_r"): (0.2, 0.15, 0.24, nan, nan, "features.5"),
+        ("FFA-1", "set", "untuned", "median_r"): (0.25, 0.2, 0.3, nan, nan, "features.5"),
+        ("FFA-1", "set", "cl", "mean_r"): (0.3, 0.25, 0.35, nan, nan, "features.8"),
+        ("FFA-1", "set", "cl", "median_r"): (0.33, 0.28, 0.38, nan, nan, "features.8"),
+        ("FFA-1", "set", "cl", "median_challenge_score"): (41.0, nan, nan, nan, nan, "features.8"),
+        ("FFA-1", "comparison", "cl", "pct_improved"): (70.0, nan, nan, nan, nan, ""),
+        ("FFA-1", "comparison", "cl", "mean_diff"): (0.1, 0.05, 0.15, 0.002, 0.004, ""),
+        ("FFA-1", "comparison", "cl", "median_diff"): (0.08, 0.01, 0.12, 0.03, 0.06, ""),
+        ("FFA-1", "retrieval", "cl", "top1_of_300"): (0.05, 0.03, 0.07, nan, nan, ""),
+        ("FFA-1", "retrieval", "cl", "chance_top1_of_300"): (1 / 300, nan, nan, nan, nan, ""),
+        ("V1v", "set", "untuned", "mean_r"): (0.4, nan, nan, nan, nan, "features.2"),
+        ("V1v", "set", "untuned", "median_r"): (0.45, 0.4, 0.5, nan, nan, "features.2"),
+    }
+    assert set(keyed) == set(expected)   # no rows for the empty ROI nor for V1v's missing CL model
+    for key, numbers in expected.items():
+        row = keyed[key]
+        got = tuple(row[c] for c in ("value", "ci_low", "ci_high", "p", "p_fdr"))
+        np.testing.assert_allclose(got, numbers[:5], err_msg=str(key))
+        assert row["layer"] == numbers[5] and isinstance(row["value"], float)
+    ffa_diff = keyed[("FFA-1", "comparison", "cl", "median_diff")]
+    assert (ffa_diff["baseline"], ffa_diff["comparison"], ffa_diff["roi_family"], ffa_diff["group"]) == (
+        "untuned", "cl:untuned", "floc-faces", "Higher")
+    v1 = keyed[("V1v", "set", "untuned", "median_r")]
+    assert (v1["subject"], v1["n_voxels"], v1["roi_family"], v1["group"]) == (1, 12, "prf-visualrois", "Early")
+
+
+def test_tidy_cross_subject_and_leave_one_subject_out_rows():
+    matrix = np.array([[0.3, 0.2], [np.nan, 0.4]])
+    tidy = results_utils.tidy_matrix_rows({"median_r": matrix}, [1, 2], method="cl", hemisphere="lh", roi="PPA")
+    assert [(r["source"], r["target"], r["same_subject"], r["value"]) for r in tidy] == [
+        (1, 1, True, 0.3), (1, 2, False, 0.2), (2, 2, True, 0.4)]
+    assert tidy[0]["statistic"] == "median_r" and tidy[0]["roi_family"] == "floc-places"
+    loso = [{"subject": 2, "hemisphere": "rh", "roi": "EBA", "feature_set": "pooled-cl",
+             "layer_without_subject": "features.9", "mean_r_without_subject": 0.31, "median_r_without_subject": 0.3,
+             "mean_r_untuned": 0.21, "median_r_untuned": 0.2, "pct_improved_without_subject_vs_untuned": 64.0}]
+    rows = results_utils.tidy_loso_rows(loso)
+    assert [(r["backbone"], r["statistic"], r["value"], r["layer"]) for r in rows] == [
+        ("without_subject", "mean_r", 0.31, "features.9"), ("without_subject", "median_r", 0.3, "features.9"),
+        ("untuned", "mean_r", 0.21, ""), ("untuned", "median_r", 0.2, ""),
+        ("without_subject", "pct_improved_vs_untuned", 64.0, "features.9")]
+
+
+def test_markdown_report_writes_cis_as_intervals():
+    text = results_utils.markdown_report(two_roi_rows(), ["untuned", "cl"], [("cl", "untuned")])
+    assert "| median_r_cl | median_r_cl 95% CI |" in text
+    assert "[0.280, 0.380]" in text and "[0.010, 0.120]" in text and "[0.030, 0.070]" in text
+    assert "ci95_" not in text
