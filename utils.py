@@ -2,18 +2,17 @@
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import re
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+import image_cache
 import paths
 from options import DataError
-from outputs import atomic_path, save_json, sidecar_path, write_sidecar
+from outputs import save_json
 from paths import subject_dir_name
 
 
@@ -298,27 +297,6 @@ def voxel_roi_lists(roi_indices: dict[str, np.ndarray], n_vertices: int) -> list
     return [pattern_lists[k] for k in pattern_of_vertex.ravel()]
 
 
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def check_png_files(image_paths) -> None:
-    """Cheap check that each file starts with the PNG signature and ends with the IEND chunk.
-
-    Catches truncated downloads before anything is written; corrupt data inside a file is caught when
-    the image cache decodes it.
-    """
-    for path in image_paths:
-        with open(path, "rb") as fh:
-            head = fh.read(8)
-            fh.seek(0, os.SEEK_END)
-            size = fh.tell()
-            fh.seek(max(0, size - 12))
-            tail = fh.read(12)
-        if head != _PNG_SIGNATURE or tail[4:8] != b"IEND":
-            raise DataError(f"{path}: truncated or not a PNG (missing PNG signature or IEND chunk); "
-                            "expected a complete PNG image")
-
-
 def validate_subject(paths: SubjectPaths, check_values: bool = True, noise_ceiling_dir=None) -> dict:
     """Check a subject's files agree (images = fMRI rows, masks and noise ceilings = fMRI columns, finite values).
 
@@ -327,7 +305,7 @@ def validate_subject(paths: SubjectPaths, check_values: bool = True, noise_ceili
     images = list_images(paths.train_images)
     if not images:
         raise DataError(f"{paths.train_images}: no PNG training images found")
-    check_png_files(images)
+    image_cache.check_png_files(images)
     n_vertices, ceilings = {}, {}
     for hemi in HEMISPHERES:
         fmri = load_fmri(paths, hemi)
@@ -340,7 +318,7 @@ def validate_subject(paths: SubjectPaths, check_values: bool = True, noise_ceili
         n_vertices[hemi] = fmri.shape[1]
         ceilings[hemi] = load_noise_ceiling(paths, hemi, fmri.shape[1], noise_ceiling_dir)
     if paths.test_images is not None:
-        check_png_files(list_images(paths.test_images))
+        image_cache.check_png_files(list_images(paths.test_images))
     return {"n_images": len(images), "n_vertices": n_vertices, "images": images, "noise_ceiling": ceilings}
 
 
@@ -435,50 +413,6 @@ def get_split(out_dir, subject: int, image_paths, seed: int = 0,
     return split
 
 
-# ---- Image cache: PNGs decoded once into a memory-mapped uint8 N x 3 x S x S array ----
-
-
-def decode_image(path, size: int) -> np.ndarray:
-    """One PNG -> 3 x size x size uint8 (RGB, bilinear resize), or a DataError naming the file."""
-    from PIL import Image, UnidentifiedImageError
-    try:
-        with Image.open(path) as img:
-            img = img.convert("RGB")
-            if img.size != (size, size):
-                img = img.resize((size, size), Image.BILINEAR)
-            arr = np.asarray(img, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise DataError(f"{path}: unreadable or truncated image ({err}); expected a valid PNG") from None
-    return arr.transpose(2, 0, 1)
-
-
-def load_image_cache(out_dir, subject: int, image_paths, size: int = 224, tag: str = "train",
-                     workers: int | None = None) -> np.ndarray:
-    """Memory-map the subject's decoded images, building the cache first if it is missing or stale."""
-    from tqdm import tqdm
-    path = paths.image_cache_file(out_dir, subject, size, tag)
-    key = {"size": size, "images": [Path(p).name for p in image_paths],
-           "bytes": [Path(p).stat().st_size for p in image_paths]}
-    meta_path = sidecar_path(path)
-    if path.is_file() and meta_path.is_file():
-        meta = json.loads(meta_path.read_text())
-        if meta.get("cache_key") == key:
-            return np.load(path, mmap_mode="r")
-    with atomic_path(path, ".tmp.npy") as tmp:
-        cache = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(image_paths), 3, size, size))
-
-        def decode_into(i, out=cache):
-            out[i] = decode_image(image_paths[i], size)
-
-        with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
-            list(tqdm(pool.map(decode_into, range(len(image_paths))), total=len(image_paths),
-                      desc=f"decoding {subject_dir_name(subject)} images at {size}px", unit="img"))
-        cache.flush()
-        del decode_into, cache  # close the memmap before the rename
-    write_sidecar(path, {"size": size}, cache_key=key)
-    return np.load(path, mmap_mode="r")
-
-
 def load_challenge_images(paths: SubjectPaths, out_dir, size: int) -> np.ndarray | None:
     """The subject's challenge test images (no fMRI), decoded once into a memmapped cache; None if absent."""
     if paths.test_images is None:
@@ -486,7 +420,7 @@ def load_challenge_images(paths: SubjectPaths, out_dir, size: int) -> np.ndarray
     image_paths = list_images(paths.test_images)
     if not image_paths:
         return None
-    return load_image_cache(out_dir, paths.subject, image_paths, size=size, tag="challenge")
+    return image_cache.load_image_cache(out_dir, paths.subject, image_paths, size=size, tag="challenge")
 
 
 # ---- One subject loader for every stage ----
@@ -530,7 +464,7 @@ def load_subject(data_dir, subject: int, out_dir=None, image_size: int | None = 
         if out_dir is not None:
             split = get_split(out_dir, subject, info["images"], seed=split_seed)
             if image_size is not None:
-                images = load_image_cache(out_dir, subject, info["images"], size=image_size)
+                images = image_cache.load_image_cache(out_dir, subject, info["images"], size=image_size)
     fmri, rois, ceiling = {}, {}, {}
     for hemi in hemispheres:
         fmri[hemi] = np.array(load_fmri(paths, hemi)) if fmri_in_ram else load_fmri(paths, hemi)

@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 
+import image_cache
 import mask_bundle as bundle
 import options
 import outputs
@@ -128,7 +129,7 @@ def test_dataset_is_valid_official_layout(demo_root):
             nc = utils.load_noise_ceiling(paths, hemi)
             assert nc.shape == (fmri.shape[1],) and np.all((nc >= 0) & (nc <= 1))
             assert outputs.sidecar_path(paths.fmri[hemi]).is_file()
-        assert utils.decode_image(info["images"][0], 64).shape == (3, 64, 64)
+        assert image_cache.decode_image(info["images"][0], 64).shape == (3, 64, 64)
         fsaverage = bundle.load_fsaverage_bundle(subjects=[subject])[subject]
         for hemi, n_vertices in zip(utils.HEMISPHERES, (n_lh, n_rh)):  # written as the download has them
             written = np.load(paths.fsaverage_mask_path(hemi), allow_pickle=False)
@@ -221,7 +222,7 @@ def test_early_rois_are_retinotopic(demo_root):
     right follows right-half minus left-half energy; ventral (v) minus dorsal (d) areas follow upper minus lower."""
     from scipy import ndimage
     images = utils.list_images(utils.find_subject(demo_root, 1).train_images)
-    gray = np.stack([utils.decode_image(p, 64).mean(0) for p in images]).astype(np.float64)
+    gray = np.stack([image_cache.decode_image(p, 64).mean(0) for p in images]).astype(np.float64)
     energy = np.hypot(ndimage.sobel(gray, axis=1), ndimage.sobel(gray, axis=2))[:, 4:-4, 4:-4]  # 56 x 56, no border
     left, right = energy[:, :, :28].mean((1, 2)), energy[:, :, 28:].mean((1, 2))
     upper, lower = energy[:, :28].mean((1, 2)), energy[:, 28:].mean((1, 2))

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import features
+import image_cache
 import models
 import paths
 import utils
@@ -57,9 +58,9 @@ def test_untuned_submission_equals_an_independent_sklearn_pipeline(untuned_submi
     root, out = untuned_submission["root"], untuned_submission["out"]
     subject_files = utils.find_subject(root, 1)
     split = utils.get_split(out, 1, utils.list_images(subject_files.train_images))
-    train_cache = utils.load_image_cache(out, 1, utils.list_images(subject_files.train_images), size=64)
+    train_cache = image_cache.load_image_cache(out, 1, utils.list_images(subject_files.train_images), size=64)
     test_files = utils.list_images(subject_files.test_images)      # file order = the submission's row order
-    test_images = np.stack([utils.decode_image(p, 64) for p in test_files])
+    test_images = np.stack([image_cache.decode_image(p, 64) for p in test_files])
     backbone = features.load_backbone("untuned:none", "cpu")
     layers = LAYERS.split(",")
     raw_train = features.extract_features(backbone, train_cache, None, layers)
@@ -113,7 +114,7 @@ def test_a_vertex_covered_by_a_planted_tuned_backbone_picks_it(tmp_path):
     models.save_checkpoint(paths.model_dir(out, "cl", "lh", "FFA-1", subject=1) / "best.pt", tuned,
                            roi_voxel_indices=ffa,
                            subjects=[1], method="cl")
-    cache = utils.load_image_cache(out, 1, utils.list_images(subject_files.train_images), size=64)
+    cache = image_cache.load_image_cache(out, 1, utils.list_images(subject_files.train_images), size=64)
     readout = features.extract_features(tuned.backbone.eval(), cache, None, ["features.5"])["features.5"]
     scores = np.linalg.svd(readout - readout.mean(0), full_matrices=False)[0][:, :5]
     fmri = np.load(subject_files.fmri["lh"])

@@ -13,6 +13,7 @@ from PIL import Image
 
 import encoding
 import features
+import image_cache
 import models
 import outputs
 import paths
@@ -35,7 +36,7 @@ def plant_layer_signal(root, out, layer: str, subjects=(1,), noise: float = 0.3,
     for subject in subjects:
         subject_files = utils.find_subject(root, subject)
         images = utils.list_images(subject_files.train_images)
-        cache = utils.load_image_cache(out, subject, images, size=64)
+        cache = image_cache.load_image_cache(out, subject, images, size=64)
         feats = features.extract_features(backbone, cache, None, [layer], batch_size=64, device="cpu")[layer]
         # A readout of the layer's top 10 principal components: what PCA + ridge on that layer can recover.
         centred = feats - feats.mean(0)

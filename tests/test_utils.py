@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import image_cache
 import options
 import outputs
 import paths
@@ -193,7 +194,7 @@ def test_truncated_png_is_named_and_leaves_no_cache(tmp_path):
     data = images[3].read_bytes()
     images[3].write_bytes(data[: len(data) // 2])
     with pytest.raises(options.DataError, match=f"{images[3].name}: unreadable or truncated image"):
-        utils.load_image_cache(tmp_path / "out", 1, images, size=32)
+        image_cache.load_image_cache(tmp_path / "out", 1, images, size=32)
     assert not any((tmp_path / "out" / "image_cache").iterdir())
 
 
@@ -241,20 +242,20 @@ def test_image_cache_matches_pil_is_reused_and_rebuilt(tmp_path):
     root = make_tiny_dataset(tmp_path / "d", subjects=(1,), n_images=12)
     images = utils.list_images(utils.find_subject(root, 1).train_images)
     out = tmp_path / "out"
-    cache = utils.load_image_cache(out, 1, images, size=64)
+    cache = image_cache.load_image_cache(out, 1, images, size=64)
     assert isinstance(cache, np.memmap) and cache.shape == (12, 3, 64, 64) and cache.dtype == np.uint8
     expected = np.asarray(Image.open(images[5]).convert("RGB").resize((64, 64), Image.BILINEAR))
     np.testing.assert_array_equal(cache[5], expected.transpose(2, 0, 1))
 
     path = paths.image_cache_file(out, 1, 64)
     stamp = path.stat().st_mtime_ns
-    utils.load_image_cache(out, 1, images, size=64)
+    image_cache.load_image_cache(out, 1, images, size=64)
     assert path.stat().st_mtime_ns == stamp  # reused
 
-    utils.load_image_cache(out, 1, images[:10], size=64)  # image list changed: rebuilt
+    image_cache.load_image_cache(out, 1, images[:10], size=64)  # image list changed: rebuilt
     assert path.stat().st_mtime_ns != stamp and np.load(path, mmap_mode="r").shape[0] == 10
 
-    other = utils.load_image_cache(out, 1, images, size=32)  # another size: its own cache
+    other = image_cache.load_image_cache(out, 1, images, size=32)  # another size: its own cache
     assert other.shape == (12, 3, 32, 32) and paths.image_cache_file(out, 1, 32).is_file()
 
 
