@@ -32,6 +32,9 @@ weights = "IMAGENET1K_V1"      # IMAGENET1K_V1 (torchvision cache) | none (rando
 dropout = 0.5                  # AlexNet classifier dropout (torchvision default; 0 makes DDP runs match 1 process)
 image_size = 224               # input size in px (PNGs decoded once into the image cache at this size)
 hflip = False                  # random horizontal flips (off: a flip swaps the visual hemifields)
+min_voxels = 20                # train an ROI (pool a subject) with at least this many voxels (original pooled: 1)
+batching = "even"              # even: near-equal global batches (this repo) | remainder: batch_size + a smaller last
+fit_split = "train"            # train | train+val (the original's 85 %; needs lr_schedule=none, keep_last=true)
 checkpoint_dtype = "float32"   # float32 | bfloat16: weights of the kept best.pt (bfloat16 halves the disk)
 keep_last = False              # keep last.pt once finished (to extend the run later); else best.pt alone stays
 resume = False                 # continue an interrupted run from last.pt (exact)
@@ -69,15 +72,15 @@ seed_list = training.check_seeds(seeds)
 (roi,) = utils.check_roi_names([roi])
 subjects_data = [utils.load_subject(data_dir, s, out_dir, image_size, split_seed, [hemisphere], check_values,
                                     build_first=runtime.main_first) for s in subject_list]
-sources, too_small = training_data.trainable_sources(subjects_data, hemisphere, roi)
+sources, too_small = training_data.trainable_sources(subjects_data, hemisphere, roi, min_voxels)
 if not sources:
     raise options.DataError(f"{hemisphere} {roi}: " + ", ".join(f"subject {s} has {n} voxels" for s, n in
                                                              too_small.items())
-                            + f"; training needs at least {training_data.MIN_ROI_VOXELS}")
+                            + f"; training needs at least {min_voxels}")
 if runtime.is_main:
     print(f"{'pooled ' if pooled else ''}cl {hemisphere} {roi}: " + ", ".join(
         f"subject {s.subject} ({len(s.voxel_indices)} voxels, {len(s.split['train'])} train / "
-        f"{len(s.split['val'])} val)" for s in sources) + (f"; left out for < {training_data.MIN_ROI_VOXELS} "
+        f"{len(s.split['val'])} val)" for s in sources) + (f"; left out for < {min_voxels} "
                                                            f"voxels: {too_small}" if too_small else "")
           + f"; seeds {seed_list}; {runtime.world_size} x {runtime.device}")
 

@@ -35,9 +35,11 @@ tuned_layer = "best"                        # best: each set's own layer search 
 layers = []                                 # the searched layers (as get_best_alex_layer.py); [] = AlexNet's 8
 layer_statistic = "median"                  # as get_best_alex_layer.py (part of each search's key)
 pca_components = 1000                       # PCA size for wide layers (fitted on train only)
-alpha_mode = "per-voxel"                    # per-voxel | per-roi (one alpha per ROI and set) | per-roi-untuned
+alpha_mode = "per-voxel"                    # per-voxel | per-roi (one alpha per ROI and set) | untuned-per-roi
                                             # (the untuned one reused for every set, 2023 original) (all chosen on
                                             # val) | paper (fixed 1e3 untuned / 1e4 tuned)
+fit_split = "train"                         # train | train+val: the test-split models refitted on train + val with
+                                            # the alphas chosen on val (the original's 85 %; needs checkpoint=last)
 alphas = []                                 # ridge alpha grid; [] = encoding.ALPHAS
 feature_scaling = "auto"                    # auto (unit variance for an alpha grid, none for paper) | unit | none
 search_missing = False                      # search a missing layer search here (else one line naming the command)

@@ -45,12 +45,12 @@ subjects_data = [utils.load_subject(config["data_dir"], s, config["out_dir"], co
 # the loop over (hemisphere, ROI, seed) jobs: finished ones skipped, half-trained ones resumed, small ROIs listed
 rows = []
 for k, (hemi, roi, seed) in enumerate(jobs):
-    sources, too_small = training_data.trainable_sources(subjects_data, hemi, roi)
+    sources, too_small = training_data.trainable_sources(subjects_data, hemi, roi, config["min_voxels"])
     job = {"hemisphere": hemi, "roi": roi, "seed": seed, "subjects": " ".join(str(s.subject) for s in sources),
            "voxels": sum(len(s.voxel_indices) for s in sources)}
     if not sources:
         rows.append({**job, "status": "skipped: " + ", ".join(f"subject {s}: {n} voxels" for s, n in
-                                                          too_small.items()) + f" (< {training_data.MIN_ROI_VOXELS})"})
+                                                          too_small.items()) + f" (< {config['min_voxels']})"})
         continue
     run_dir = paths.model_dir(config["out_dir"], "reg", hemi, roi, subject=None if pooled else subject_list[0],
                               seed=seed, backbone=config["backbone"], exclude_subject=exclude_subject or None)

@@ -26,7 +26,7 @@ import search
 import significance
 import utils
 
-ALPHA_MODES = ("per-voxel", "per-roi", "per-roi-untuned", "paper")
+ALPHA_MODES = ("per-voxel", "per-roi", "untuned-per-roi", "paper")
 FEATURE_SCALINGS = ("auto", "unit", "none")
 
 
@@ -55,6 +55,7 @@ class StudySettings:
     seed: int = 0                              # PCA seed and the val halves of the search
     batch_size: int = 128
     device: str = "auto"
+    fit_split: str = "train"                   # train | train+val: what the test-split models are fitted on
     keep_search_features: bool = False
     search_missing: bool = False               # results: search a missing layer search instead of failing
 
@@ -77,9 +78,13 @@ class StudySettings:
         for name, value, allowed in (("alpha_mode", self.alpha_mode, ALPHA_MODES),
                                      ("feature_scaling", self.feature_scaling, FEATURE_SCALINGS),
                                      ("layer_statistic", self.layer_statistic, search.STATISTICS),
-                                     ("checkpoint", self.checkpoint, paths.CHECKPOINTS)):
+                                     ("checkpoint", self.checkpoint, paths.CHECKPOINTS),
+                                     ("fit_split", self.fit_split, ("train", "train+val"))):
             if value not in allowed:
                 raise options.OptionsError(f"--{name}={value}: expected one of {', '.join(allowed)}")
+        if self.fit_split == "train+val" and self.checkpoint != "last":
+            raise options.OptionsError("--fit_split=train+val: models fine-tuned on train + val have no held-out epoch "
+                                       "choice; use --checkpoint=last")
         if self.tuned_layer not in ("best", "untuned") and self.tuned_layer not in self.layers:
             raise options.OptionsError(f"--tuned_layer={self.tuned_layer}: expected best, untuned or one of "
                                        + ", ".join(self.layers))
@@ -101,9 +106,11 @@ class SetFit:
 
 
 def encode_test(layer_features: dict, fmri: np.ndarray, split: dict, voxel_indices, alphas, device=None,
-                per_roi_alpha: bool = False, feature_scaling: str = "auto", voxel_alphas=None):
+                per_roi_alpha: bool = False, feature_scaling: str = "auto", voxel_alphas=None,
+                fit_split: str = "train"):
     """Fit ridge on train (alpha per voxel chosen on val, or one per ROI, or one fixed alpha, or given voxel_alphas);
-    predict test. -> (test predictions n_test x v, test r per voxel, the alpha of each voxel)."""
+    predict test. fit_split='train+val': refit on train + val with those alphas (the original's 85 %).
+    -> (test predictions n_test x v, test r per voxel, the alpha of each voxel)."""
     layer_features = search.scaled(layer_features, feature_scaling, len(np.atleast_1d(alphas)))
     y = fmri[:, voxel_indices]
     if voxel_alphas is not None:
@@ -116,6 +123,10 @@ def encode_test(layer_features: dict, fmri: np.ndarray, split: dict, voxel_indic
             best = model.alpha_grid_[int(np.nanargmax(np.nanmean(model.val_scores_, axis=1)))]
             model = encoding.fit_ridge(layer_features["train"], y[split["train"]], device=device,
                                        voxel_alphas=np.full(y.shape[1], best))
+    if fit_split == "train+val":
+        rows = np.concatenate([split["train"], split["val"]])
+        model = encoding.fit_ridge(np.concatenate([layer_features["train"], layer_features["val"]]), y[rows],
+                                   voxel_alphas=model.alphas_, device=device)
     prediction = model.predict(layer_features["test"])
     return prediction, encoding.pearson_r(y[split["test"]], prediction), model.alphas_
 
@@ -295,14 +306,14 @@ class EncodingStudy:
             spec = self.s.untuned_spec() if feature_set == feature_sets.UNTUNED else feature_set
             feats = self.features(subject, spec, [layer])[layer]
             prediction, r, alphas = encode_test(feats, d.fmri[hemi], d.split, idx, self.alphas(False), self.device,
-                                                per_roi or self.s.alpha_mode == "per-roi-untuned",
-                                                self.s.feature_scaling)
+                                                per_roi or self.s.alpha_mode == "untuned-per-roi",
+                                                self.s.feature_scaling, fit_split=self.s.fit_split)
             return SetFit(prediction, r, [{"seed": None, "layer": layer, "r": r, "alphas": alphas, "run_dir": None}])
         runs = self.run_dirs(feature_set, source, hemi, roi, exclude_subject)
         if not runs:
             return None
         voxel_alphas = None
-        if self.s.alpha_mode == "per-roi-untuned":  # the 2023 original: the untuned model's alpha for every set
+        if self.s.alpha_mode == "untuned-per-roi":  # the 2023 original: the untuned model's alpha for every set
             untuned = self.fit(feature_sets.UNTUNED, subject, hemi, roi)
             voxel_alphas = None if untuned is None else untuned.per_seed[0]["alphas"]
         per_seed = []
@@ -312,7 +323,7 @@ class EncodingStudy:
             self.checkpoints_used.add(ckpt)
             feats = self.features(subject, ckpt, [layer])[layer]
             prediction, r, alphas = encode_test(feats, d.fmri[hemi], d.split, idx, self.alphas(True), self.device,
-                                                per_roi, self.s.feature_scaling, voxel_alphas)
+                                                per_roi, self.s.feature_scaling, voxel_alphas, self.s.fit_split)
             per_seed.append({"seed": seed, "layer": layer, "r": r, "alphas": alphas, "run_dir": str(run_dir),
                              "prediction": prediction})
         prediction = np.mean([s.pop("prediction") for s in per_seed], axis=0).astype(np.float32)

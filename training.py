@@ -28,6 +28,7 @@ from runtime import Runtime, autocast_context, prepare_images, setup_runtime
 VAL_METRIC = {"cl": "val_top1", "reg": "val_r"}  # top-1 fMRI->image retrieval; mean voxel Pearson r
 LR_SCHEDULES = ("plateau", "none")
 CHECKPOINT_DTYPES = ("float32", "bfloat16")
+FIT_SPLITS = ("train", "train+val")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -56,6 +57,9 @@ class TrainSettings:
     resume: bool
     stop_after_epoch: int             # 0 = train all epochs
     keep_last: bool                   # keep last.pt (optimizer included) once done; else only best.pt stays
+    min_voxels: int                   # an ROI (a pooled subject) trains with at least this many voxels
+    batching: str                     # even: near-equal global batches | remainder: batch_size and a smaller last
+    fit_split: str                    # train | train+val (the original's 85 %; needs lr_schedule none, keep_last)
     checkpoint_dtype: str             # float32 | bfloat16: the dtype of best.pt's weights (last.pt: float32)
     subject_order: str                # pooled: batches of the subjects interleaved or one subject after another
     temperature: float | None = None  # CL only (a reg script has no such option)
@@ -77,7 +81,8 @@ class TrainSettings:
 
 # settings that must match to resume a run (epochs may grow; speed settings may change)
 _RESUME_KEYS = ("batch_size", "lr", "lr_schedule", "temperature", "symmetric_loss", "lr_patience", "lr_factor",
-                "backbone", "weights", "dropout", "seed", "hflip", "pooled_h_method", "subject_order")
+                "backbone", "weights", "dropout", "seed", "hflip", "pooled_h_method", "subject_order", "batching",
+                "fit_split", "min_voxels")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -94,12 +99,20 @@ def _flips(n_images: int, seed: int, epoch: int, source: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch, 2, source]).random(n_images) < 0.5
 
 
+def fit_rows(source, settings: TrainSettings) -> np.ndarray:
+    """The rows a model is fine-tuned on: the train split, or train + val (fit_split='train+val')."""
+    if settings.fit_split == "train+val":
+        return np.concatenate([source.split["train"], source.split["val"]])
+    return np.asarray(source.split["train"])
+
+
 def make_loaders(sources, settings: TrainSettings, runtime: Runtime):
     """(train loader, val loader) over the sources' image caches: this rank's share of each global batch."""
     dataset = training_data.ImageRows([s.images for s in sources])
     world = dict(num_replicas=runtime.world_size, rank=runtime.rank)
-    train = training_data.GlobalBatchSampler(dataset, [s.split["train"] for s in sources], settings.batch_size,
-                                             settings.seed, shuffle=True, order=settings.subject_order, **world)
+    train = training_data.GlobalBatchSampler(dataset, [fit_rows(s, settings) for s in sources], settings.batch_size,
+                                             settings.seed, shuffle=True, order=settings.subject_order,
+                                             batching=settings.batching, **world)
     val = training_data.GlobalBatchSampler(dataset, [s.split["val"] for s in sources], settings.batch_size,
                                            settings.seed, shuffle=False, **world)
     return (training_data.make_loader(dataset, train, runtime.device, settings.loader_workers),
@@ -263,7 +276,7 @@ def save_epoch(state: RunState, run_dir: Path, row: dict, t_epoch: float, method
         state.best = {"epoch": row["epoch"], "val_loss": row["val_loss"], metric_name: row[metric_name]}
     finished = row["epoch"] == settings.epochs
     meta = {"method": method, "settings": asdict(settings), "best": state.best, "done": finished,
-            "image_size": int(image_size), "n_train": [len(s.split["train"]) for s in sources],
+            "image_size": int(image_size), "n_train": [len(fit_rows(s, settings)) for s in sources],
             "n_val": [len(s.split["val"]) for s in sources]}
     where = dict(roi_voxel_indices=[s.voxel_indices for s in sources], subjects=[s.subject for s in sources])
     if runtime.is_main and improved:
@@ -386,6 +399,13 @@ def _check_trainable(run_dir, method, sources, settings, world):
         raise options.DataError("CL training needs a temperature (cl_model_training.py's option)")
     if settings.lr_schedule not in LR_SCHEDULES:
         raise options.DataError(f"lr_schedule={settings.lr_schedule!r}: expected one of {', '.join(LR_SCHEDULES)}")
+    if settings.batching not in training_data.BATCHINGS:
+        raise options.DataError(f"batching={settings.batching!r}: expected one of {', '.join(training_data.BATCHINGS)}")
+    if settings.fit_split not in FIT_SPLITS:
+        raise options.DataError(f"fit_split={settings.fit_split!r}: expected one of {', '.join(FIT_SPLITS)}")
+    if settings.fit_split == "train+val" and (settings.lr_schedule != "none" or not settings.keep_last):
+        raise options.DataError("fit_split=train+val fine-tunes on the val images too, so nothing held out can select "
+                                "an epoch: it needs lr_schedule=none and keep_last=true (use checkpoint=last later)")
     if settings.checkpoint_dtype not in CHECKPOINT_DTYPES:
         raise options.DataError(f"checkpoint_dtype={settings.checkpoint_dtype!r}: expected one of "
                                 f"{', '.join(CHECKPOINT_DTYPES)}")

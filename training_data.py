@@ -18,8 +18,8 @@ import options
 import utils
 from runtime import prefetched, read_rows
 
-MIN_ROI_VOXELS = 20          # smaller ROIs give a degenerate head (h = 0.8 V, z = 0.2 V) and noisy targets
 ORDERS = ("interleaved", "sequential")
+BATCHINGS = ("even", "remainder")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -37,19 +37,20 @@ class Source:
     split: dict                 # 'train' / 'val' row indices (the NSD-keyed split)
 
 
-def roi_fmri(subject_data: utils.Subject, hemi: str, roi: str):
-    """-> (N x V float32 fMRI of the ROI in RAM, its vertex indices); DataError when under MIN_ROI_VOXELS."""
+def roi_fmri(subject_data: utils.Subject, hemi: str, roi: str, min_voxels: int):
+    """-> (N x V float32 fMRI of the ROI in RAM, its vertex indices); DataError when under min_voxels (the
+    training scripts' option: a smaller ROI gives a degenerate head, h = 0.8 V, and noisy targets)."""
     (roi,) = utils.check_roi_names([roi])
     idx = subject_data.roi_voxel_indices[hemi][roi]
-    if len(idx) < MIN_ROI_VOXELS:
+    if len(idx) < max(1, min_voxels):
         raise options.DataError(f"subject {subject_data.subject} {hemi} {roi}: {len(idx)} voxels; training needs at "
-                              f"least {MIN_ROI_VOXELS} (some ROIs are empty for some subjects)")
+                                f"least {min_voxels} (some ROIs are empty for some subjects)")
     return np.ascontiguousarray(subject_data.fmri[hemi][:, idx], dtype=np.float32), idx
 
 
-def roi_source(subject_data: utils.Subject, hemi: str, roi: str) -> Source:
-    """The Source of one subject's ROI (DataError when under MIN_ROI_VOXELS voxels)."""
-    fmri, idx = roi_fmri(subject_data, hemi, roi)
+def roi_source(subject_data: utils.Subject, hemi: str, roi: str, min_voxels: int) -> Source:
+    """The Source of one subject's ROI (DataError when under min_voxels voxels)."""
+    fmri, idx = roi_fmri(subject_data, hemi, roi, min_voxels)
     return Source(subject_data.subject, subject_data.images, fmri, idx, subject_data.split)
 
 
@@ -72,13 +73,13 @@ def training_subjects(data_dir, subjects=(), exclude_subject: int = 0) -> tuple[
     return kept, pooled
 
 
-def trainable_sources(subjects_data, hemi: str, roi: str) -> tuple[list[Source], dict]:
-    """Sources of the subjects whose ROI has >= MIN_ROI_VOXELS voxels, and {subject: voxels} of those left out."""
+def trainable_sources(subjects_data, hemi: str, roi: str, min_voxels: int) -> tuple[list[Source], dict]:
+    """Sources of the subjects whose ROI has >= min_voxels voxels, and {subject: voxels} of those left out."""
     sources, skipped = [], {}
     for subject_data in subjects_data:
         n = len(subject_data.roi_voxel_indices[hemi][roi])
-        if n >= MIN_ROI_VOXELS:
-            sources.append(roi_source(subject_data, hemi, roi))
+        if n >= max(1, min_voxels):
+            sources.append(roi_source(subject_data, hemi, roi, min_voxels))
         else:
             skipped[subject_data.subject] = n
     return sources, skipped
@@ -146,16 +147,26 @@ def _reopen(reference):
     return reference
 
 
-def near_equal_batches(rows: np.ndarray, batch_size: int) -> list[np.ndarray]:
-    """rows cut in order into ceil(n / batch_size) batches of near-equal size (none larger than batch_size)."""
-    return np.array_split(np.asarray(rows, dtype=np.int64), max(1, math.ceil(len(rows) / batch_size)))
+def cut_batches(rows: np.ndarray, batch_size: int, batching: str = "even") -> list[np.ndarray]:
+    """rows cut in order into batches: 'even', ceil(n / batch_size) of near-equal size (none larger than batch_size);
+    'remainder', batch_size each and a smaller last one (PyTorch's DataLoader, the original), a last one under 3
+    rows joining the one before (BatchNorm needs a few rows)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    if batching == "even":
+        return np.array_split(rows, max(1, math.ceil(len(rows) / batch_size)))
+    if batching != "remainder":
+        raise ValueError(f"batching={batching!r}: expected one of {', '.join(BATCHINGS)}")
+    batches = [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)] or [rows]
+    if len(batches) > 1 and len(batches[-1]) < 3:
+        batches[-2:] = [np.concatenate(batches[-2:])]
+    return batches
 
 
 class GlobalBatchSampler(Sampler):
     """Yields this rank's share (dataset indices) of every global batch of the epoch set by set_epoch.
 
-    shuffle=True: each source's rows are permuted from (seed, epoch, source) and cut into ceil(n / batch_size)
-    near-equal batches (no small remainder batch: every contrastive batch stays large and BatchNorm well
+    shuffle=True: each source's rows are permuted from (seed, epoch, source) and cut into batches (cut_batches:
+    'even' by default, no small remainder batch, so every contrastive batch stays large and BatchNorm well
     defined), each sorted for sequential reads. order='interleaved': the sources' batches are merged in a
     random order drawn from (seed, epoch), each source's batches keeping their own order; 'sequential': all of
     source 0's batches, then source 1's, ... (as the original pooled training). shuffle=False (validation):
@@ -164,7 +175,7 @@ class GlobalBatchSampler(Sampler):
     """
 
     def __init__(self, dataset: ImageRows, rows_per_source, batch_size: int, seed: int = 0, shuffle: bool = True,
-                 order: str = "interleaved", num_replicas: int = 1, rank: int = 0):
+                 order: str = "interleaved", num_replicas: int = 1, rank: int = 0, batching: str = "even"):
         if order not in ORDERS:
             raise ValueError(f"order={order!r}: expected one of {', '.join(ORDERS)}")
         if not 0 <= rank < num_replicas:
@@ -172,7 +183,7 @@ class GlobalBatchSampler(Sampler):
         self.dataset = dataset
         self.rows_per_source = [np.sort(np.asarray(r, dtype=np.int64)) for r in rows_per_source]
         self.batch_size, self.seed, self.shuffle, self.order = int(batch_size), int(seed), shuffle, order
-        self.num_replicas, self.rank = int(num_replicas), int(rank)
+        self.num_replicas, self.rank, self.batching = int(num_replicas), int(rank), batching
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -184,7 +195,7 @@ class GlobalBatchSampler(Sampler):
         for source, rows in enumerate(self.rows_per_source):
             if self.shuffle:
                 rows = np.random.default_rng([self.seed, self.epoch, 0, source]).permutation(rows)
-            per_source.append([np.sort(b) for b in near_equal_batches(rows, self.batch_size)])
+            per_source.append([np.sort(b) for b in cut_batches(rows, self.batch_size, self.batching)])
         labels = np.repeat(np.arange(len(per_source)), [len(b) for b in per_source])
         if self.shuffle and self.order == "interleaved":
             labels = np.random.default_rng([self.seed, self.epoch, 1]).permutation(labels)
@@ -200,7 +211,7 @@ class GlobalBatchSampler(Sampler):
             yield self.dataset.flat_indices(source, self.shard(rows)).tolist()
 
     def __len__(self) -> int:
-        return sum(max(1, math.ceil(len(r) / self.batch_size)) for r in self.rows_per_source)
+        return sum(len(cut_batches(r, self.batch_size, self.batching)) for r in self.rows_per_source)
 
 
 def _as_is(batch):

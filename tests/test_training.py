@@ -58,7 +58,7 @@ def read_log(run_dir) -> list[dict]:
 
 
 def sources_of(tiny, roi, subjects=(1,)):
-    return [training_data.roi_source(tiny["data"][s], "lh", roi) for s in subjects]
+    return [training_data.roi_source(tiny["data"][s], "lh", roi, 20) for s in subjects]
 
 
 def train(tiny, method, roi, run_dir, settings, subjects=(1,)):
@@ -227,7 +227,7 @@ def test_cl_and_reg_learn_the_signal_roi(tiny, cl_run):
     reg_log = read_log(reg_dir)
     assert reg_log[-1]["train_loss"] < reg_log[0]["train_loss"]
     # deterministic check (no dropout, no BatchNorm): training-set MSE of the tuned model < of the initial one
-    fmri, _ = training_data.roi_fmri(tiny["data"][1], "lh", "FFA-1")
+    fmri, _ = training_data.roi_fmri(tiny["data"][1], "lh", "FFA-1", 20)
     rows = tiny["data"][1].split["train"]
     x = runtime.prepare_images(tiny["data"][1].images[rows], "cpu")
     y = torch.from_numpy(fmri[rows])
@@ -292,7 +292,7 @@ def test_small_and_empty_rois_are_refused(tiny):
     small = replace(data, roi_voxel_indices={"lh": {**data.roi_voxel_indices["lh"],
                                                     "V1v": data.roi_voxel_indices["lh"]["V1v"][:12]}})
     with pytest.raises(options.DataError, match="12 voxels; training needs at least 20"):
-        training_data.roi_fmri(small, "lh", "V1v")
+        training_data.roi_fmri(small, "lh", "V1v", 20)
     proc = subprocess.run([sys.executable, str(REPO / "cl_model_training.py"), f"--data_dir={tiny['data_dir']}",
                            f"--out_dir={tiny['out_dir']}", "--roi=mTL-faces", *COMMON_ARGS],
                           capture_output=True, text=True, timeout=120)
@@ -472,3 +472,16 @@ def test_leave_one_subject_out_never_reads_the_left_out_subject(tiny):
     # the poison works: reading subject 3 fails, naming its file
     with pytest.raises(options.DataError, match="subj03.*lh_training_fmri.npy"):
         utils.load_subject(poisoned, 3, hemispheres=["lh"])
+
+
+def test_remainder_batches_are_the_dataloaders_and_fit_split_needs_no_selection(tiny):
+    rows = np.arange(2050)
+    assert [len(b) for b in training_data.cut_batches(rows, 1024, "remainder")] == [1024, 1026]  # 2 rows join
+    assert [len(b) for b in training_data.cut_batches(rows[:2000], 1024, "remainder")] == [1024, 976]
+    assert [len(b) for b in training_data.cut_batches(rows[:2000], 1024, "even")] == [1000, 1000]
+    source = sources_of(tiny, "FFA-1")[0]
+    both = training.fit_rows(source, replace(FAST, fit_split="train+val"))
+    assert sorted(both.tolist()) == sorted(source.split["train"].tolist() + source.split["val"].tolist())
+    for bad in (replace(FAST, fit_split="train+val"), replace(FAST, fit_split="train+val", lr_schedule="none")):
+        with pytest.raises(options.DataError, match="fit_split=train\\+val"):
+            train(tiny, "reg", "FFA-1", tiny["root"] / "runs" / "fit_split", bad)

@@ -287,10 +287,24 @@ def test_sectioned_config_sets_each_scripts_options(tmp_path):
     assert options.read_config(cfg, "generate_results.py", results_defaults) == {"checkpoint": "last",
                                                                                   "tuned_layer": "untuned"}
     original = options.read_config(REPO / "configs" / "original_2023.json", "generate_results.py", results_defaults)
-    assert original["tuned_layer"] == "untuned" and original["alpha_mode"] == "per-roi-untuned"
+    assert original["tuned_layer"] == "untuned" and original["alpha_mode"] == "untuned-per-roi"
     for bad, message in (({"all": {"lr_schedul": "none"}}, "option of no script"),
                          ({"generate_results.py": {"epochs": 3}}, "has no option 'epochs'"),
                          ({"nope.py": {}}, "names no script")):
         cfg.write_text(json.dumps(bad))
         with pytest.raises(options.OptionsError, match=message):
             options.read_config(cfg, "cl_model_training.py", cl_defaults)
+
+
+def test_the_original_config_sets_valid_options_of_every_script():
+    config = REPO / "configs" / "original_2023.json"
+    for script in sorted(REPO.glob("*.py")):
+        defaults = options.script_defaults(script)
+        if not defaults or script.name in ("make_demo_data.py",):
+            continue
+        chosen = options.read_config(config, script.name, defaults)
+        assert all(k in defaults for k in chosen)
+    training_options = options.read_config(config, "reg_model_training_all_rois.py",
+                                           options.script_defaults(REPO / "reg_model_training_all_rois.py"))
+    assert training_options["fit_split"] == "train+val" and training_options["batching"] == "remainder"
+    assert training_options["min_voxels"] == 1 and training_options["keep_last"] is True
