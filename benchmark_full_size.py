@@ -42,11 +42,11 @@ import models
 import options
 import outputs
 import study
-import training_data
 import utils
 
 REPO = Path(__file__).resolve().parent
 SWEEP_EPOCHS = {m: options.script_defaults(REPO / f"{m}_model_training.py")["epochs"] for m in ("cl", "reg")}
+MIN_VOXELS = options.script_defaults(REPO / "cl_model_training.py")["min_voxels"]  # the sweeps' ROI size threshold
 
 
 def run_stage(log_dir: Path, name: str, script: str, *args) -> dict:
@@ -100,7 +100,7 @@ def real_sweep_jobs(min_voxels: int) -> dict:
 
 def sweep_models() -> dict:
     """The paper sweep's per-subject ROI models (>= training's minimum voxels) in the 8 real subjects' masks."""
-    jobs = real_sweep_jobs(training_data.MIN_ROI_VOXELS)
+    jobs = real_sweep_jobs(MIN_VOXELS)
     n_models = sum(n for _, n in jobs.values())
     return {"models": n_models, "images_per_model_mean": sum(i * n for i, n in jobs.values()) / n_models}
 
@@ -196,7 +196,7 @@ def _report(rows) -> str:
     sweep = _sweep(rows)
     if sweep:
         lines += ["", f"Paper sweep projected on this CPU: {sweep['models']} per-subject ROI models (>= "
-                      f"{training_data.MIN_ROI_VOXELS} voxels) x (CL {SWEEP_EPOCHS['cl']} + reg {SWEEP_EPOCHS['reg']} "
+                      f"{MIN_VOXELS} voxels) x (CL {SWEEP_EPOCHS['cl']} + reg {SWEEP_EPOCHS['reg']} "
                       f"epochs) at the measured {sweep['epoch_s']} s/epoch ({sweep['measured_at_images']:,} images) "
                       f"= {sweep['hours_per_model']} h per model, {sweep['cpu_days']} CPU-days."]
     return "\n".join(lines) + "\n"

@@ -132,7 +132,7 @@ if "training" in benchmarks:
     best = {m: max((r for r in rows if r["method"] == m), key=lambda r: r["train_images_per_s"]) for m in methods}
     epochs = {m: options.script_defaults(Path(__file__).resolve().parent / f"{m}_model_training.py")["epochs"]
               for m in ("cl", "reg")}  # the paper's, from the training scripts' OPTIONS
-    jobs = benchmark_full_size.real_sweep_jobs(training_data.MIN_ROI_VOXELS)
+    jobs = benchmark_full_size.real_sweep_jobs(benchmark_full_size.MIN_VOXELS)
     total_s, projection = 0.0, []
     for m in methods:
         for subject, (n_subject, n_models) in jobs.items():

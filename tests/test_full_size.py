@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import benchmark_full_size as full_size
-import training_data
+import options
 import utils
 from conftest import REPO
 
@@ -23,7 +23,7 @@ def test_sweep_counts_the_trainable_rois_of_the_original_masks():
                 labels = np.load(folder / f"{hemi}.{family}_challenge_space.npy")
                 names = utils.load_roi_mapping(folder / f"mapping_{family}.npy")
                 n_models += sum(1 for k, name in names.items() if k > 0 and name != "Unknown"
-                                and np.count_nonzero(labels == k) >= training_data.MIN_ROI_VOXELS)
+                                and np.count_nonzero(labels == k) >= options.script_defaults(REPO / "cl_model_training.py")["min_voxels"])
     assert full_size.sweep_models()["models"] == n_models
 
 
