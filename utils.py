@@ -1,4 +1,4 @@
-"""The data layer: the Algonauts 2023 layout, ROIs, validation, the one split, the image cache, one subject loader."""
+"""The data layer: the Algonauts 2023 layout, ROIs and masks, validation, noise ceilings, the one split, one subject loader."""
 from __future__ import annotations
 
 import json
