@@ -294,7 +294,7 @@ def _load_file(net: nn.Module, path: Path, head_keys, backbone: Backbone) -> Non
             state = {k[len("module."):]: v for k, v in state.items()}
         if backbone.source == "open_clip" and any(k.startswith("visual.") for k in state):
             state = {k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")}
-        prefixes = tuple(f"{k}." for k in head_keys) + tuple(head_keys)
+        prefixes = tuple(f"{k}." for k in head_keys)
         state = {k: v for k, v in state.items() if not (k in head_keys or k.startswith(prefixes))}
         net.load_state_dict(state)
     except (RuntimeError, KeyError, TypeError, ValueError, EOFError, OSError, AttributeError) as err:
