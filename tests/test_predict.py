@@ -46,7 +46,7 @@ def untuned_submission(tmp_path_factory):
             found[f"{refit}{suffix}_stdout"] = run(
                 "predict_test_images.py", f"--data_dir={data}", f"--out_dir={out}", *TINY,
                 f"--submission_dir={folder}", "--features=untuned", f"--refit={refit}",
-                *(["--hemispheres=lh"] if refit == "train+val" else []))
+                *(["--hemispheres=lh"] if refit == "train+val" or suffix else []))
             found[f"{refit}{suffix}"] = folder
     return found
 
