@@ -124,7 +124,8 @@ def summary_row(subject, hemi, name, idx, val_r, test_r, ceiling, chosen_kinds) 
 
 
 def missing_parts(folder: Path) -> list[str]:
-    """One warning line per challenge subject, or hemisphere of a present subject, without predictions."""
+    """Warning lines: one naming the challenge subjects without predictions, one per hemisphere a present subject
+    lacks."""
     present = {(s, h) for s in CHALLENGE_SUBJECTS for h in utils.HEMISPHERES
                if (folder / paths.subject_dir_name(s) / f"{h}_pred_test.npy").is_file()}
     absent = [paths.subject_dir_name(s) for s in CHALLENGE_SUBJECTS if not {(s, h) for h in utils.HEMISPHERES}
