@@ -89,7 +89,7 @@ def backbone_spec_tag(spec: str) -> str:
         if Path(weights).is_file():
             st = Path(weights).stat()
             key = f"{Path(weights).resolve()}:{st.st_size}:{st.st_mtime_ns}"
-        name = Path(weights).stem if Path(weights).suffix else weights
+        name = (Path(weights).stem if Path(weights).suffix else weights).replace(":", "-")
         return f"untuned-{name}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
     path = Path(spec)
     if not path.is_file():
@@ -101,11 +101,14 @@ def backbone_spec_tag(spec: str) -> str:
 
 
 def load_backbone(spec: str, device):
-    """The AlexNet a spec names: untuned with its weights, or the tuned backbone of a checkpoint."""
+    """The backbone a spec names: untuned with its weights, or the tuned backbone of a checkpoint."""
     if spec.startswith("untuned:"):
+        name = spec.split(":", 1)[1]  # '<weights>' (AlexNet) or '<backbone>:<weights>' (StudySettings.untuned_spec)
+        backbone, weights = name.split(":", 1) if name.split(":", 1)[0] in models.BACKBONES else ("alexnet", name)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)  # weights=none: the same random init in every stage and process
-            return models.build_alexnet(spec.split(":", 1)[1]).to(device).eval()
+            net = models.build_alexnet(weights) if backbone == "alexnet" else models.build_backbone(backbone, weights)
+            return net.to(device).eval()
     return models.load_tuned_backbone(spec, device).eval()
 
 

@@ -65,7 +65,7 @@ class StudySettings:
         values.update(overrides)
         values["hemispheres"] = tuple(utils.check_hemisphere(h) for h in values.get("hemispheres") or
                                       utils.HEMISPHERES)
-        values["layers"] = tuple(values.get("layers") or models.ALEXNET_LAYERS)
+        values["layers"] = tuple(str(layer) for layer in values.get("layers") or models.ALEXNET_LAYERS)  # tiny: 2,5
         values["alphas"] = tuple(float(a) for a in (values.get("alphas") or encoding.ALPHAS))
         values["seeds"] = tuple(int(s) for s in values.get("seeds") or ())
         for name in ("noise_ceiling_dir", "features_dir"):
@@ -90,7 +90,8 @@ class StudySettings:
                                        + ", ".join(self.layers))
 
     def untuned_spec(self) -> str:
-        return f"untuned:{self.weights}"
+        """'untuned:<weights>' (AlexNet) or 'untuned:<backbone>:<weights>' (another backbone, e.g. tiny)."""
+        return f"untuned:{self.weights}" if self.backbone == "alexnet" else f"untuned:{self.backbone}:{self.weights}"
 
 
 @dataclass

@@ -1,6 +1,9 @@
 """predict_test_images.py: submission files, an independent scikit-learn pipeline, a planted tuned backbone."""
 from __future__ import annotations
 
+import csv
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,6 +12,7 @@ import torch
 import features
 import image_cache
 import models
+import outputs
 import paths
 import utils
 from conftest import make_tiny_dataset, run_script as run
@@ -20,27 +24,76 @@ N_TEST = 7
 
 @pytest.fixture(scope="module")
 def untuned_submission(tmp_path_factory):
-    """One subject, 96 training and 7 test images, untuned candidates only; run twice (determinism)."""
+    """One subject, 96 training and 7 test images, untuned candidates only; refit=all and refit=train+val, each
+    again on a copy of the data whose internal-test-split fMRI alone was replaced."""
+    import shutil
     tmp = tmp_path_factory.mktemp("predict")
     root = make_tiny_dataset(tmp / "data", subjects=(1,), n_images=96, n_test_images=N_TEST)
-    common = [f"--data_dir={root}", f"--out_dir={tmp / 'out'}", *TINY]
-    run("get_best_alex_layer.py", *common)
-    for name in ("a", "b"):
-        run("predict_test_images.py", *common, f"--submission_dir={tmp / name}", "--features=untuned")
-    return {"root": root, "out": tmp / "out", "a": tmp / "a", "b": tmp / "b"}
+    out = tmp / "out"
+    run("get_best_alex_layer.py", f"--data_dir={root}", f"--out_dir={out}", *TINY)
+    changed = Path(shutil.copytree(root, tmp / "changed"))
+    test_rows = utils.get_split(out, 1, utils.list_images(utils.find_subject(root, 1).train_images))["test"]
+    rng = np.random.default_rng(1)
+    for hemi in utils.HEMISPHERES:
+        path = utils.find_subject(changed, 1).fmri[hemi]
+        fmri = np.load(path)
+        fmri[test_rows] = rng.normal(size=(len(test_rows), fmri.shape[1]))
+        np.save(path, fmri)
+    found = {"root": root, "out": out, "test_rows": test_rows}
+    for data, suffix in ((root, ""), (changed, "_changed")):
+        for refit in ("all", "train+val"):
+            folder = tmp / f"{refit}{suffix}"
+            found[f"{refit}{suffix}_stdout"] = run(
+                "predict_test_images.py", f"--data_dir={data}", f"--out_dir={out}", *TINY,
+                f"--submission_dir={folder}", "--features=untuned", f"--refit={refit}",
+                *(["--hemispheres=lh"] if refit == "train+val" or suffix else []))
+            found[f"{refit}{suffix}"] = folder
+    return found
 
 
 def test_submission_files_shapes_and_determinism(untuned_submission):
     import zipfile
+    folder = untuned_submission["all"]
     for hemi in utils.HEMISPHERES:
-        a = np.load(untuned_submission["a"] / "subj01" / f"{hemi}_pred_test.npy")
-        b = np.load(untuned_submission["b"] / "subj01" / f"{hemi}_pred_test.npy")
+        a = np.load(folder / "subj01" / f"{hemi}_pred_test.npy")
         assert a.dtype == np.float32 and a.shape == (N_TEST, 240) and np.isfinite(a).all()
-        np.testing.assert_array_equal(a, b)
-    names = zipfile.ZipFile(untuned_submission["a"] / "submission.zip").namelist()
+    # subjXX/ holds the predictions alone (no sidecars), so a hand-made zip of it is a clean submission
+    assert sorted(p.name for p in (folder / "subj01").iterdir()) == ["lh_pred_test.npy", "rh_pred_test.npy"]
+    names = zipfile.ZipFile(folder / "submission.zip").namelist()
     assert sorted(names) == ["subj01/lh_pred_test.npy", "subj01/rh_pred_test.npy"]
-    report = untuned_submission["a"] / "report"
-    assert (report / "val_estimate.csv").is_file() and (report / "candidate_shares.png").is_file()
+    report = folder / "report"
+    assert (report / "estimate.csv").is_file() and (report / "candidate_shares.png").is_file()
+    manifest = json.loads((report / "submission.json").read_text())
+    assert manifest["files"]["subj01/lh_pred_test.npy"]["shape"] == [N_TEST, 240]
+    assert manifest["refit"].startswith("all: train + val + test")
+    assert json.loads(outputs.sidecar_path(report / "submission.json").read_text())["options"]["refit"] == "all"
+    # train+val predictions do not read the internal test split's fMRI: identical when only it changed
+    np.testing.assert_array_equal(np.load(untuned_submission["train+val"] / "subj01" / "lh_pred_test.npy"),
+                                  np.load(untuned_submission["train+val_changed"] / "subj01" / "lh_pred_test.npy"))
+
+
+def test_refit_all_uses_the_internal_test_split(untuned_submission):
+    """Only the test split's fMRI changed: the val choice is the same, the refit=all predictions are not."""
+    for refit in ("all", "train+val"):
+        before = np.load(untuned_submission[refit] / "report" / "subj01" / "lh_choice.npz")
+        after = np.load(untuned_submission[f"{refit}_changed"] / "report" / "subj01" / "lh_choice.npz")
+        np.testing.assert_array_equal(before["layer"], after["layer"])
+        np.testing.assert_array_equal(before["alpha"], after["alpha"])
+    a = np.load(untuned_submission["all"] / "subj01" / "lh_pred_test.npy")
+    b = np.load(untuned_submission["all_changed"] / "subj01" / "lh_pred_test.npy")
+    assert np.abs(a - b).max() > 0.05 * np.abs(a).max()
+
+
+def test_a_submission_lacking_subjects_or_hemispheres_warns(untuned_submission):
+    full = untuned_submission["all_stdout"].splitlines()
+    lh_only = untuned_submission["train+val_stdout"].splitlines()
+    missing_subjects = "no predictions for subj02, subj03, subj04, subj05, subj06, subj07, subj08"
+    assert [line for line in full if line.startswith("warning:")] == [
+        f"warning: {untuned_submission['all']}: {missing_subjects}; the challenge scores subj01..subj08"]
+    assert [line for line in lh_only if line.startswith("warning:")] == [
+        f"warning: {untuned_submission['train+val']}: {missing_subjects}; the challenge scores subj01..subj08",
+        f"warning: {untuned_submission['train+val']}: subj01 has no rh_pred_test.npy; the challenge scores both "
+        "hemispheres"]
 
 
 def _val_r(y, p):
@@ -50,8 +103,9 @@ def _val_r(y, p):
 
 
 def test_untuned_submission_equals_an_independent_sklearn_pipeline(untuned_submission):
-    """PCA on train, unit scale, Ridge per vertex and alpha, each vertex's best (layer, alpha) by val r,
-    refit on train + val, predict the test images in file order: scikit-learn and numpy only."""
+    """PCA on train, unit scale, Ridge per vertex and alpha, each vertex's best (layer, alpha) by val r; that
+    choice fitted on train and scored on the internal test split (the out-of-sample estimate), and refitted on
+    train + val + test (refit=all) or train + val to predict the test images in file order: scikit-learn and numpy."""
     from sklearn.decomposition import PCA
     from sklearn.linear_model import Ridge
     import encoding
@@ -74,6 +128,8 @@ def test_untuned_submission_equals_an_independent_sklearn_pipeline(untuned_submi
             x, xt = pca.transform(x), pca.transform(xt)
         scale = np.sqrt(np.mean(np.var(x[split["train"]].astype(np.float64), axis=0)))
         sets[layer] = (x / scale, xt / scale)
+    refit_rows = {"all": np.concatenate([split["train"], split["val"], split["test"]]),
+                  "train+val": np.concatenate([split["train"], split["val"]])}
     for hemi in utils.HEMISPHERES:
         y = np.load(subject_files.fmri[hemi]).astype(np.float64)
         y_train, y_val = y[split["train"]], y[split["val"]]
@@ -82,28 +138,46 @@ def test_untuned_submission_equals_an_independent_sklearn_pipeline(untuned_submi
         flat = val_r.reshape(-1, y.shape[1])                    # (layer, alpha) x vertices, layers first
         best = np.nanargmax(flat, axis=0)
         layer_of, alpha_of = best // len(encoding.ALPHAS), best % len(encoding.ALPHAS)
-        expected = np.empty((N_TEST, y.shape[1]))
-        trainval = np.concatenate([split["train"], split["val"]])
+        expected = {refit: np.empty((N_TEST, y.shape[1])) for refit in refit_rows}
+        internal_test = np.empty((len(split["test"]), y.shape[1]))
         for (li, ai) in {(int(li), int(ai)) for li, ai in zip(layer_of, alpha_of)}:
             vertices = np.flatnonzero((layer_of == li) & (alpha_of == ai))
             x, xt = sets[layers[li]]
-            fit = Ridge(alpha=encoding.ALPHAS[ai]).fit(x[trainval], y[trainval][:, vertices])
-            expected[:, vertices] = fit.predict(xt).reshape(N_TEST, len(vertices))
-        choice = np.load(untuned_submission["a"] / "report" / "subj01" / f"{hemi}_choice.npz")
-        ours = np.load(untuned_submission["a"] / "subj01" / f"{hemi}_pred_test.npy")
-        # the chosen candidate's val r is the best one up to float32 rounding (near-ties may break either way)
-        np.testing.assert_allclose(choice["val_r"], flat.max(0), atol=1e-4)
-        same = (choice["layer"] == np.array(layers)[layer_of]) & np.isclose(choice["alpha"],
-                                                                            np.array(encoding.ALPHAS)[alpha_of])
-        assert same.mean() > 0.97
-        # float32 ridge vs float64 sklearn on responses of unit scale
-        np.testing.assert_allclose(ours[:, same], expected[:, same], atol=1e-4)
+            ridge = Ridge(alpha=encoding.ALPHAS[ai])
+            internal_test[:, vertices] = ridge.fit(x[split["train"]], y_train[:, vertices]).predict(
+                x[split["test"]]).reshape(len(split["test"]), len(vertices))
+            for refit, rows in refit_rows.items():
+                fit = ridge.fit(x[rows], y[rows][:, vertices])
+                expected[refit][:, vertices] = fit.predict(xt).reshape(N_TEST, len(vertices))
+        test_r = _val_r(y[split["test"]], internal_test)
+        for refit in ("all", "train+val") if hemi == "lh" else ("all",):
+            choice = np.load(untuned_submission[refit] / "report" / "subj01" / f"{hemi}_choice.npz")
+            ours = np.load(untuned_submission[refit] / "subj01" / f"{hemi}_pred_test.npy")
+            # the chosen candidate's val r is the best one up to float32 rounding (near-ties may break either way)
+            np.testing.assert_allclose(choice["val_r"], flat.max(0), atol=1e-4)
+            same = (choice["layer"] == np.array(layers)[layer_of]) & np.isclose(choice["alpha"],
+                                                                                np.array(encoding.ALPHAS)[alpha_of])
+            assert same.mean() > 0.97
+            # float32 ridge vs float64 sklearn on responses of unit scale
+            np.testing.assert_allclose(ours[:, same], expected[refit][:, same], atol=1e-4)
+            # the out-of-sample estimate: the val choice fitted on train alone, r on the internal test split; float32
+            # predictions keep eps * |mean| / sd relative precision in their deviations (alpha 1e7: nearly constant)
+            tolerance = 1e-4 + 10 * np.finfo(np.float32).eps * np.abs(internal_test.mean(0)) / internal_test.std(0)
+            assert (np.abs(choice["test_r"] - test_r) <= tolerance)[same].all()
+        rows = list(csv.DictReader(open(untuned_submission["all"] / "report" / "estimate.csv")))
+        overall = next(r for r in rows if r["hemisphere"] == hemi and r["vertices"] == "all vertices")
+        assert float(overall["median_test_r"]) == pytest.approx(np.nanmedian(choice["test_r"]), abs=1e-6)
+        v1v = next(r for r in rows if r["hemisphere"] == hemi and r["vertices"] == "V1v")
+        v1v_idx = utils.roi_voxel_indices(subject_files, hemi)["V1v"]
+        assert float(v1v["mean_test_r"]) == pytest.approx(test_r[v1v_idx].mean(), abs=1e-4)
+        assert float(v1v["mean_val_r_optimistic"]) == pytest.approx(flat.max(0)[v1v_idx].mean(), abs=1e-4)
 
 
 def test_a_vertex_covered_by_a_planted_tuned_backbone_picks_it(tmp_path):
     """FFA-1's responses are a readout of a tuned backbone's conv layer: its vertices choose the CL candidate."""
     root = make_tiny_dataset(tmp_path / "data", subjects=(1,), n_images=120, n_test_images=3)
     out = tmp_path / "out"
+    torch.manual_seed(0)  # the tuned model's init and its "fine-tuning", whatever ran before
     untuned = features.load_backbone("untuned:none", "cpu")
     tuned = models.build_model("cl", 30, "none")
     tuned.backbone.load_state_dict(untuned.state_dict())
