@@ -74,8 +74,8 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-import feature_sets as sets  # noqa: E402
 import cortical_maps  # noqa: E402
+import feature_sets as sets  # noqa: E402
 import features  # noqa: E402
 import outputs  # noqa: E402
 import paths  # noqa: E402
@@ -167,7 +167,7 @@ if "single-subj" in result_types:
                                                           d.noise_ceiling.get(hemi))
                 outputs.save_npz(folder / f"{hemi}_vertex_r.npz", arrays[hemi], config,
                                  metric="test Pearson r per vertex (challenge space; NaN: not fitted)",
-                                 overlap=results_maps.__doc__.split("\n\n")[1], **study.provenance())
+                                 overlap=results_maps.OVERLAP_RULE, **study.provenance())
                 # what the group figures need, compact: per-voxel r in float16, each model's chosen alphas
                 all_rows += res.rows
                 group_voxel_r.append({roi: r.astype(np.float16) for roi, r in res.voxel_r.items()})

@@ -1,13 +1,5 @@
 """Per-vertex results of one subject: whole-hemisphere arrays of each set's test r, chosen layer and challenge score
-(NaN where nothing was fitted), and the subject's cortical maps drawn from them (cortical_maps.py).
-
-A vertex can lie in ROIs of several families (e.g. FFA-1 and the ventral stream), each fitted on its own. The arrays
-keep every family's value (r_<set>_by_family: one row per ROI family), and one value per vertex for maps: that of
-its first fitted ROI in the challenge's family order (prf-visualrois, floc-bodies, floc-faces, floc-places,
-floc-words, streams), the functionally defined ROIs before the broad anatomical streams. Every set takes the same ROI
-at a vertex (roi: its index in rois; -1 none), so differences between sets compare fits of the same voxels. Within a
-family ROIs do not overlap.
-"""
+(NaN where nothing was fitted), and the subject's cortical maps drawn from them (cortical_maps.py)."""
 from __future__ import annotations
 
 import numpy as np
@@ -17,13 +9,19 @@ import encoding
 import feature_sets as fsets
 import utils
 
+OVERLAP_RULE = ("A vertex can lie in ROIs of several families (e.g. FFA-1 and the ventral stream), each fitted on its "
+                "own. r_<set>_by_family keeps every family's value (one row per ROI family); r_<set>, layer_<set> and "
+                "score_<set> take the vertex's first fitted ROI in the challenge's family order (prf-visualrois, "
+                "floc-bodies, floc-faces, floc-places, floc-words, streams): the functionally defined ROIs before the "
+                "broad anatomical streams. Every set takes the same ROI at a vertex (roi: its index in rois; -1 none), "
+                "so differences between sets compare fits of the same voxels. Within a family ROIs do not overlap.")
+
 
 def vertex_arrays(voxel_r: dict, roi_indices: dict, feature_sets, layers: dict, layer_names, n_vertices: int,
                   noise_ceiling=None) -> dict:
     """One hemisphere's arrays: r_<set> and layer_<set> (index into layers) per vertex, r_<set>_by_family
-    (families x vertices), score_<set> where a noise ceiling is known, and roi, rois, families, layers.
-
-    voxel_r and layers as results_utils.HemisphereResults holds them; roi_indices: ROI -> its vertex indices."""
+    (families x vertices), score_<set> where a noise ceiling is known, and roi, rois, families, layers; where ROIs
+    overlap, as OVERLAP_RULE says. voxel_r, layers: as results_utils.HemisphereResults; roi_indices: ROI -> vertices."""
     names, families, layer_names = list(utils.ROI_NAMES), list(utils.ROI_FAMILIES), list(layer_names)
     family_of = {roi: families.index(utils.ROI_FAMILY_OF[roi]) for roi in voxel_r}
     roi_by_family = np.full((len(families), n_vertices), -1, dtype=np.int16)
