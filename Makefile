@@ -7,13 +7,16 @@ STAMP      := $(VENV)/.installed-requirements
 DEMO_DATA  ?= demo_data
 DEMO_OUT   ?= demo_out
 RESULTS    ?= Results
-# The demo runs offline on CPU: random-init AlexNet, 64 px images, 2 ROIs, 3 epochs, small batches; every stage runs
-# (6 min on a 2-core AMD EPYC, 6 min 14 s with float32 training as on CPUs without bf16; +70 s for the first set-up).
+# The demo runs offline on CPU: random-init AlexNet, 64 px images, 2 ROIs of lh (FFA-1 with 2 seeds), 3 epochs;
+# every stage runs in order: mappings, training (per subject, pooled, leave-one-subject-out), layer search, results
+# (tables, figures, cortical maps), submission. Stage times: README.
 DEMO_FLAGS := --data_dir=$(DEMO_DATA) --out_dir=$(DEMO_OUT) --weights=none --image_size=64
 DEMO_ROIS  ?= V1v,FFA-1
+DEMO_SEED_ROI ?= FFA-1
 DEMO_POOLED_ROI ?= FFA-1
-DEMO_TRAIN := --epochs=3 --batch_size=128
-DEMO_POOLED := --hemisphere=lh --roi=$(DEMO_POOLED_ROI) --h_method=average
+DEMO_TRAIN ?= --epochs=3 --batch_size=128
+DEMO_SWEEP := $(DEMO_FLAGS) $(DEMO_TRAIN) --hemispheres=lh
+DEMO_POOLED := $(DEMO_FLAGS) $(DEMO_TRAIN) --hemisphere=lh --roi=$(DEMO_POOLED_ROI) --subjects=all
 SUBMISSION ?= $(RESULTS)/submission
 
 .PHONY: setup test demo demo-data clean-demo bench
@@ -33,22 +36,22 @@ demo-data: setup
 
 demo: demo-data
 	$(PY) generate_voxel_roi_mappings.py --data_dir=$(DEMO_DATA) --out_dir=$(DEMO_OUT)
-	$(PY) get_best_alex_layer.py $(DEMO_FLAGS)
+	for s in 1 2; do for m in cl reg; do \
+	  $(PY) $${m}_model_training_all_rois.py $(DEMO_SWEEP) --subjects=$$s --rois=$(DEMO_ROIS) && \
+	  $(PY) $${m}_model_training_all_rois.py $(DEMO_SWEEP) --subjects=$$s --rois=$(DEMO_SEED_ROI) --seeds=0,1 \
+	  || exit 1; done; done
+	$(PY) cl_model_training.py $(DEMO_POOLED) --pooled_h_method=average
+	$(PY) reg_model_training.py $(DEMO_POOLED)
 	for s in 1 2; do \
-	  $(PY) cl_model_training_all_rois.py $(DEMO_FLAGS) $(DEMO_TRAIN) --hemispheres=lh --rois=$(DEMO_ROIS) --subject=$$s && \
-	  $(PY) reg_model_training_all_rois.py $(DEMO_FLAGS) $(DEMO_TRAIN) --hemispheres=lh --rois=$(DEMO_ROIS) --subject=$$s \
-	  || exit 1; \
+	  $(PY) cl_model_training.py $(DEMO_POOLED) --pooled_h_method=average --exclude_subject=$$s || exit 1; \
 	done
-	$(PY) pooled_cl_model_training.py $(DEMO_FLAGS) $(DEMO_TRAIN) $(DEMO_POOLED)
-	$(PY) pooled_reg_model_training.py $(DEMO_FLAGS) $(DEMO_TRAIN) --hemisphere=lh --roi=$(DEMO_POOLED_ROI)
-	for s in 1 2; do \
-	  $(PY) pooled_cl_model_training.py $(DEMO_FLAGS) $(DEMO_TRAIN) $(DEMO_POOLED) --exclude_subject=$$s || exit 1; \
-	done
+	$(PY) get_best_alex_layer.py $(DEMO_FLAGS) --pooled_h_method=average
 	$(PY) generate_results.py $(DEMO_FLAGS) --results_dir=$(RESULTS) --result_type=all --hemispheres=lh \
-	  --rois=$(DEMO_ROIS) --cross_subj_rois=$(DEMO_ROIS) --classification_rois=$(DEMO_POOLED_ROI) \
-	  --pooled_h_method=average
+	  --cross_subj_rois=$(DEMO_ROIS) --classification_rois=$(DEMO_POOLED_ROI) --pooled_h_method=average \
+	  --classification_root=$(DEMO_DATA)/imagefolder
 	$(PY) predict_test_images.py $(DEMO_FLAGS) --submission_dir=$(SUBMISSION) --pooled_h_method=average
-	@echo "demo finished: tables and figures in $(RESULTS)/, a challenge submission in $(SUBMISSION)/, models in $(DEMO_OUT)/models/"
+	@echo "demo finished: tables, figures and cortical maps in $(RESULTS)/, a challenge submission in" \
+	  "$(SUBMISSION)/, models in $(DEMO_OUT)/models/"
 
 bench: setup
 	$(PY) benchmark.py

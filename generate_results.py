@@ -3,12 +3,15 @@
 Every feature set gets the same treatment (layer search, PCA, alpha selection, statistics; see study.py).
 --result_type=single-subj          per ROI: layer, mean and median test r, challenge score, % voxels improved,
                                    bootstrap CIs and permutation p over test images (FDR across ROIs), CL retrieval;
-                                   group table and across-subject tests (subjects as the unit, >= 3 subjects)
+                                   per-vertex arrays and cortical maps per subject; group table, across-subject
+                                   tests (subjects as the unit, >= 3 subjects) and the study's figures
 --result_type=cross-subj           each subject's tuned backbone used for every other subject (N x N matrices) and
                                    pooled backbones trained without the encoded subject (leave-one-subject-out)
 --result_type=classification-task  linear probes of the backbones on an image-classification dataset
 --result_type=all                  all three
-Tables (.csv/.npy/.md) and figures (.png) go to results_dir, each with a .meta.json sidecar.
+Tables (.csv wide, *_tidy.csv one row per statistic, .npy/.npz, .md) and figures (.png) go to results_dir; each
+folder's meta/ holds a JSON sidecar per file (options, checkpoints, package versions). Memory stays flat over a
+study: each subject's outputs are written and dropped; the group figures keep compact per-voxel r and alphas.
 """
 # ---- OPTIONS (override with --name=value or --config=FILE.json) ----
 data_dir = "algonauts_2023_challenge_data"  # Algonauts 2023 download (read only)
@@ -59,6 +62,11 @@ classification_subjects = []                # backbones' subjects for the probe;
 classification_rois = ["FFA-1", "PPA", "EBA", "VWFA-1", "V1v"]  # backbones' ROIs for the probe
 probe_layer = "classifier.5"                # layer the linear probe reads (original: classifier.5, fc7)
 probe_test_fraction = 0.15                  # held-out fraction of the probe's seeded split (original: 85/15)
+map_sets = ["untuned", "cl"]                # sets drawn on the cortex per subject (test r, chosen layer, challenge
+                                            # score where a noise ceiling is known); [] = no cortical maps
+map_comparisons = ["cl:untuned", "cl:reg"]  # set:baseline differences of test r drawn on the cortex
+fsaverage_dir = ""                          # FreeSurfer's fsaverage (surf/{lh,rh}.inflated) for the maps; "" =
+                                            # nilearn's bundled fsaverage5 (fsaverage's first 10,242 vertices)
 # ---------------------------------------------------------------------
 import options
 
@@ -68,12 +76,15 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
+import cortical_maps  # noqa: E402
 import feature_sets as sets  # noqa: E402
 import features  # noqa: E402
 import outputs  # noqa: E402
 import paths  # noqa: E402
 import plots  # noqa: E402
+import plots_study  # noqa: E402
 import probes  # noqa: E402
+import results_maps  # noqa: E402
 import results_utils  # noqa: E402
 import study as encoding_study  # noqa: E402
 import utils  # noqa: E402
@@ -91,6 +102,9 @@ if "classification-task" in result_types and not classification_root:
     raise options.OptionsError("--result_type includes classification-task: give --classification_root (the "
                                f"{classification_dataset} folder)")
 pairs = results_utils.parse_comparisons(comparisons, set_names)
+map_pairs = results_utils.parse_comparisons(map_comparisons, set_names)
+if not set(map_sets) <= set(set_names):
+    raise options.OptionsError(f"--map_sets={map_sets}: expected sets among {', '.join(set_names)}")
 subject_list = utils.resolve_subjects(data_dir, subjects)
 settings = encoding_study.StudySettings.from_options(config)
 study = encoding_study.EncodingStudy(settings)
@@ -102,41 +116,76 @@ if {"single-subj", "cross-subj"} & set(result_types):
     needed_rois = sorted(set(roi_list) | set(utils.check_roi_names(cross_subj_rois)), key=utils.ROI_NAMES.index)
     encoding_study.check_searches(study, set_names, subject_list, settings.hemispheres, needed_rois)
 results = Path(results_dir)
-roi_list = utils.check_roi_names(rois) if rois else list(utils.ROI_NAMES)
 
-# ---- single subject: per ROI, every feature set and comparison ----
+
+def fsaverage_masks(d: utils.Subject):
+    """{hemi: the subject's challenge vertices on fsaverage}, or None (one note) when the data has none."""
+    found = {h: d.paths.fsaverage_mask_path(h) for h in settings.hemispheres}
+    if not all(p.is_file() for p in found.values()):
+        print(f"note: {paths.subject_dir_name(d.subject)}: no {utils.FSAVERAGE_MASK} in {d.paths.roi_dir}; "
+              "its cortical maps are skipped (the per-vertex arrays are saved)")
+        return None
+    return {h: utils.load_fsaverage_mask(p, d.n_vertices[h]) for h, p in found.items()}
+
+
+def training_logs() -> dict:
+    """{tuned set: [rows of each model's log.csv]} for every trained model of the backbone (pooled CL: of
+    pooled_h_method; leave-one-subject-out models among the pooled)."""
+    root = Path(out_dir) / "models" / paths.backbone_dir_name(backbone)
+    logs = {}
+    for name in (s for s in set_names if sets.is_tuned(s)):
+        folder = root / paths.method_dir_name(sets.method_of(name), sets.is_pooled(name), pooled_h_method)
+        logs[name] = [plots_study.read_training_log(p) for p in sorted(folder.glob("**/log.csv"))]
+    return {name: runs for name, runs in logs.items() if runs}
+
+
+# ---- single subject: per ROI, every feature set and comparison; per vertex; the study's figures ----
 if "single-subj" in result_types:
-    all_rows = []
-    for subject in subject_list:
-        for hemi in settings.hemispheres:
-            rows, voxel_r, missing = results_utils.single_subject_rows(
-                study, subject, hemi, roi_list, set_names, pairs, n_bootstrap, n_permutations, seed,
-                retrieval_candidates)
-            for feature_set, absent in missing.items():
-                print(f"note: subj{subject:02d} {hemi}: no {feature_set} model for {len(absent)} ROI(s) "
-                      f"({', '.join(absent)}); their cells are left empty")
-            base = results / paths.subject_dir_name(subject) / f"single_subj_{hemi}"
-            outputs.save_csv(base.with_suffix(".csv"), rows, config, **study.provenance())
-            outputs.save_npz(base.with_name(base.name + "_voxel_r.npz"), voxel_r, config, rows=set_names,
-                             metric="test Pearson r per voxel", **study.provenance())
-            title = f"{paths.subject_dir_name(subject)} {hemi}"
-            outputs.save_text(base.with_suffix(".md"), f"## {title}: test-split encoding accuracy per ROI\n\n"
-                              + results_utils.markdown_report(rows, set_names, pairs), config)
-            nonempty = [r for r in rows if r["n_voxels"]]
-            outputs.save_figure(base.with_name(base.name + "_bars.png"), plots.plot_roi_bars(
-                nonempty, set_names, f"{title}: encoding accuracy per ROI (bars: median, dots: mean)"), config)
-            for a, b in pairs:
-                k_a, k_b = set_names.index(a), set_names.index(b)
-                differences = {roi: v[k_a] - v[k_b] for roi, v in voxel_r.items() if np.isfinite(v[k_a]).any()
-                               and np.isfinite(v[k_b]).any()}
-                if differences:
-                    outputs.save_figure(base.with_name(f"{base.name}_{a}_vs_{b}_voxel_differences.png"),
-                                        plots.plot_voxel_differences(
-                                            differences, f"{title}: {a} minus {b}, per voxel",
-                                            f"r({a}) - r({b})"), config)
-            all_rows += rows
-    if any(k.startswith("top1_of_") for r in all_rows for k in r):
-        outputs.save_figure(results / "retrieval.png", plots.plot_retrieval(all_rows, set_names), config)
+    all_rows, group_voxel_r, group_alphas, surfaces = [], [], {}, None
+    with outputs.csv_stream(results / "single_subj_tidy.csv", results_utils.TIDY_COLUMNS) as write_tidy:
+        for subject in subject_list:
+            d = study.subject(subject)
+            folder = results / paths.subject_dir_name(subject)
+            arrays = {}
+            for hemi in settings.hemispheres:
+                res = results_utils.single_subject_rows(study, subject, hemi, roi_list, set_names, pairs,
+                                                        n_bootstrap, n_permutations, seed, retrieval_candidates)
+                for feature_set, absent in res.missing.items():
+                    listed = ", ".join(absent[:4]) + (f" and {len(absent) - 4} more" if len(absent) > 4 else "")
+                    print(f"note: subj{subject:02d} {hemi}: no {feature_set} model for {len(absent)} ROI(s) "
+                          f"({listed}); their cells are left empty")
+                base = folder / f"single_subj_{hemi}"
+                outputs.save_csv(base.with_suffix(".csv"), res.rows, config, **study.provenance())
+                outputs.save_npz(base.with_name(base.name + "_voxel_r.npz"), res.voxel_r, config, rows=set_names,
+                                 metric="test Pearson r per voxel", **study.provenance())
+                title = f"{paths.subject_dir_name(subject)} {hemi}"
+                outputs.save_text(base.with_suffix(".md"), f"## {title}: test-split encoding accuracy per ROI\n\n"
+                                  + results_utils.markdown_report(res.rows, set_names, pairs), config)
+                outputs.save_figure(base.with_name(base.name + "_accuracy.png"), plots.plot_roi_accuracy(
+                    [r for r in res.rows if r["n_voxels"]], set_names, f"{title}: encoding accuracy per ROI"), config)
+                write_tidy(results_utils.tidy_rows(res.rows, set_names, pairs))
+                arrays[hemi] = results_maps.vertex_arrays(res.voxel_r, d.roi_voxel_indices[hemi], set_names,
+                                                          res.layers, settings.layers, d.n_vertices[hemi],
+                                                          d.noise_ceiling.get(hemi))
+                outputs.save_npz(folder / f"{hemi}_vertex_r.npz", arrays[hemi], config,
+                                 metric="test Pearson r per vertex (challenge space; NaN: not fitted)",
+                                 overlap=results_maps.OVERLAP_RULE, **study.provenance())
+                # what the group figures need, compact: per-voxel r in float16, each model's chosen alphas
+                all_rows += res.rows
+                group_voxel_r.append({roi: r.astype(np.float16) for roi, r in res.voxel_r.items()})
+                for feature_set, alphas in res.alphas.items():
+                    group_alphas.setdefault(feature_set, []).extend(alphas)
+            fs_masks = fsaverage_masks(d) if map_sets else None
+            if fs_masks is not None:
+                surfaces = surfaces or cortical_maps.load_surfaces(fsaverage_dir or None)
+                masks = {h: results_maps.roi_masks(d.roi_voxel_indices[h], d.n_vertices[h]) for h in arrays}
+                for name, fig in results_maps.subject_maps(arrays, fs_masks, masks, map_sets, map_pairs, surfaces,
+                                                           d.noise_ceiling):
+                    outputs.save_figure(folder / "maps" / name, fig, config)
+            del arrays
+            study.release(subject)
+    outputs.write_sidecar(results / "single_subj_tidy.csv", config, columns=results_utils.TIDY_COLUMNS,
+                          **study.provenance())
     summary = results_utils.group_table(all_rows, set_names, pairs)
     across = results_utils.across_subject_table(all_rows, set_names, pairs, min_subjects)
     outputs.save_csv(results / "single_subj_summary.csv", summary, config, **study.provenance())
@@ -154,38 +203,88 @@ if "single-subj" in result_types:
                                                         "mean_diff", "t", "p_t", "p_t_fdr", "W", "p_w", "p_w_fdr"]),
                       config)
     print(outputs.format_table(summary))
+    # the study's figures: subjects as dots and CIs, ROI x subject heatmaps, per-voxel hexbins, alphas, training
+    measured = [r for r in all_rows if r["n_voxels"]]
+    for hemi in settings.hemispheres:
+        outputs.save_figure(results / f"accuracy_{hemi}.png", plots_study.plot_roi_accuracy_group(
+            [r for r in measured if r["hemisphere"] == hemi], set_names,
+            f"{hemi}: encoding accuracy per ROI across subjects"), config)
+    for baseline in dict.fromkeys(b for _, b in pairs):
+        compared = [baseline] + [a for a, b in pairs if b == baseline]
+        outputs.save_figure(results / f"subject_pairs_vs_{baseline}.png", plots_study.plot_subject_pairs(
+            measured, compared, baseline), config)
+    outputs.save_figure(results / "difference_heatmaps.png", plots_study.plot_difference_heatmaps(measured, pairs),
+                        config)
+    for a, b in pairs:
+        k_a, k_b = set_names.index(a), set_names.index(b)
+        if any(np.isfinite(v[k_a]).any() and np.isfinite(v[k_b]).any() for m in group_voxel_r for v in m.values()):
+            outputs.save_figure(results / f"voxel_hexbin_{a}_vs_{b}.png", plots_study.plot_voxel_hexbin(
+                group_voxel_r, set_names, a, b), config)
+    if any(k.startswith("top1_of_") for r in all_rows for k in r):
+        outputs.save_figure(results / "retrieval.png", plots.plot_retrieval(all_rows, set_names), config)
+    if settings.alpha_mode != "paper" and group_alphas:
+        outputs.save_figure(results / "alpha_distribution.png", plots_study.plot_alpha_distribution(
+            group_alphas, settings.alphas, f"Ridge alphas chosen on val per voxel ({settings.alpha_mode})"),
+            config)
+    logs = training_logs()
+    if logs:
+        outputs.save_figure(results / "training_curves.png", plots_study.plot_training_curves(
+            logs, f"Training curves of every {backbone} model in {out_dir}"), config)
+    del all_rows, group_voxel_r, group_alphas
 
 # ---- cross subject: each backbone on every subject; pooled backbones without the encoded subject ----
 if "cross-subj" in result_types:
     cross_rois = utils.check_roi_names(cross_subj_rois)
+    keys = [(method, hemi, roi) for hemi in settings.hemispheres for roi in cross_rois for method in methods]
+    matrices = {key: {name: np.full((len(subject_list),) * 2, np.nan) for name in ("median_r", "mean_r",
+                                                                                   "pct_improved")} for key in keys}
     loso_rows = []
-    for hemi in settings.hemispheres:
-        for roi in cross_rois:
-            for method in methods:
-                median_r, mean_r, improved = results_utils.cross_subject_matrices(study, subject_list, hemi, roi,
-                                                                                  method)
-                base = results / "cross_subj" / f"{method}_{hemi}_{roi}"
-                extra = {"rows": "source subject (backbone)", "columns": "target subject", "subjects": subject_list,
-                         **study.provenance()}
-                for name, matrix in (("median_r", median_r), ("mean_r", mean_r), ("pct_improved", improved)):
-                    outputs.save_npy(base.with_name(f"{base.name}_{name}.npy"), matrix, config, **extra)
-                outputs.save_figure(base.with_name(base.name + "_median_r.png"), plots.plot_transfer_matrix(
-                    median_r, subject_list, f"{method.upper()}-tuned {roi} {hemi}: median test r",
-                    "median Pearson r (test split)"), config)
-                outputs.save_figure(base.with_name(base.name + "_pct_improved.png"), plots.plot_transfer_matrix(
-                    improved, subject_list, f"{method.upper()}-tuned {roi} {hemi}: voxels beating untuned",
-                    "% of target voxels improved"), config)
-                print(f"cross-subj {method} {hemi} {roi}: mean off-diagonal median r "
-                      f"{results_utils.off_diagonal_mean(median_r):.3f}, diagonal {np.nanmean(np.diag(median_r)):.3f}")
-            loso_rows += results_utils.leave_one_subject_out_rows(study, subject_list, hemi, roi, set_names)
+    for j, target in enumerate(subject_list):   # one encoded subject at a time, then its data is dropped
+        for method, hemi, roi in keys:
+            column = results_utils.cross_subject_column(study, target, subject_list, hemi, roi, method)
+            for name, values in column.items():
+                matrices[(method, hemi, roi)][name][:, j] = values
+        for hemi in settings.hemispheres:
+            for roi in cross_rois:
+                loso_rows += results_utils.leave_one_subject_out_rows(study, [target], hemi, roi, set_names)
+        study.release(target)
+    folder = results / "cross_subj"
+    transfer_tidy, overview = [], {"median_r": {}, "pct_improved": {}}
+    for (method, hemi, roi), stats in matrices.items():
+        base = folder / f"{method}_{hemi}_{roi}"
+        extra = {"rows": "source subject (backbone)", "columns": "target subject", "subjects": subject_list,
+                 **study.provenance()}
+        for name, matrix in stats.items():
+            outputs.save_npy(base.with_name(f"{base.name}_{name}.npy"), matrix, config, **extra)
+        transfer_tidy += results_utils.tidy_matrix_rows(stats, subject_list, method=method, hemisphere=hemi, roi=roi)
+        median_r, improved = stats["median_r"], stats["pct_improved"]
+        if not np.isfinite(median_r).any():
+            continue
+        overview["median_r"][(method, hemi, roi)], overview["pct_improved"][(method, hemi, roi)] = median_r, improved
+        outputs.save_figure(base.with_name(base.name + "_median_r.png"), plots.plot_transfer_matrix(
+            median_r, subject_list, f"{method.upper()}-tuned {roi} {hemi}: median test r",
+            "median Pearson r (test split)"), config)
+        outputs.save_figure(base.with_name(base.name + "_pct_improved.png"), plots.plot_transfer_matrix(
+            improved, subject_list, f"{method.upper()}-tuned {roi} {hemi}: voxels beating untuned",
+            "% of target voxels improved", centre=50), config)
+        print(f"cross-subj {method} {hemi} {roi}: mean off-diagonal median r "
+              f"{results_utils.off_diagonal_mean(median_r):.3f}, diagonal {np.nanmean(np.diag(median_r)):.3f}")
+    outputs.save_csv(folder / "transfer_tidy.csv", transfer_tidy, config, **study.provenance())
+    for statistic, label in (("median_r", "median test r (Pearson)"),
+                             ("pct_improved", "% of target voxels beating untuned")):
+        if overview[statistic]:
+            outputs.save_figure(folder / f"transfer_overview_{statistic}.png",
+                                plots_study.plot_transfer_overview(overview[statistic], label), config)
     if loso_rows:
-        outputs.save_csv(results / "cross_subj" / "pooled_leave_one_subject_out.csv", loso_rows, config,
-                         **study.provenance())
-        outputs.save_text(results / "cross_subj" / "pooled_leave_one_subject_out.md",
+        loso_rows.sort(key=lambda r: (r["hemisphere"], utils.ROI_NAMES.index(r["roi"]), r["subject"]))
+        outputs.save_csv(folder / "pooled_leave_one_subject_out.csv", loso_rows, config, **study.provenance())
+        outputs.save_csv(folder / "pooled_leave_one_subject_out_tidy.csv", results_utils.tidy_loso_rows(loso_rows),
+                         config, **study.provenance())
+        outputs.save_text(folder / "pooled_leave_one_subject_out.md",
                           "## Pooled backbones on a subject they were not trained on (leave-one-subject-out)\n\n"
                           + outputs.markdown_table(loso_rows), config)
-        outputs.save_figure(results / "cross_subj" / "pooled_leave_one_subject_out.png",
-                            plots.plot_leave_one_subject_out(loso_rows), config)
+        outputs.save_figure(folder / "pooled_leave_one_subject_out.png", plots.plot_leave_one_subject_out(loso_rows),
+                            config)
 
 # ---- classification: linear probes of every backbone on one dataset ----
 if "classification-task" in result_types:
@@ -205,9 +304,10 @@ if "classification-task" in result_types:
                               for s, d in study.run_dirs(pooled, 0, hemi, roi)]
     rows = []
     for method, subject, hemi, roi, model_seed, spec in backbones:  # one forward pass per backbone
-        backbone = features.load_backbone(spec, study.device)
-        feats = features.extract_features(backbone, images, None, [probe_layer], batch_size=batch_size,
+        backbone_net = features.load_backbone(spec, study.device)
+        feats = features.extract_features(backbone_net, images, None, [probe_layer], batch_size=batch_size,
                                           device=study.device, desc=f"probe features {method} {hemi} {roi}")
+        del backbone_net
         rows.append({"method": method, "subject": subject, "hemisphere": hemi, "roi": roi, "seed": model_seed,
                      "accuracy": probes.linear_probe_accuracy(feats[probe_layer], labels, probe_test_fraction, seed),
                      "chance": float(np.max(np.bincount(labels)) / len(labels)), "n_images": len(labels),

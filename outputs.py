@@ -13,12 +13,24 @@ from pathlib import Path
 
 import numpy as np
 
+META_DIR = "meta"   # each folder's sidecars, out of the way of its tables and figures
+
+
 def sidecar_path(path) -> Path:
-    """The JSON sidecar that records how an output was made: '<name>.meta.json' beside it."""
+    """The JSON sidecar that records how an output was made: 'meta/<name>.json' in the output's folder."""
     path = Path(path)
-    return path.with_name(path.name + ".meta.json")
+    return path.parent / META_DIR / (path.name + ".json")
 
 
+def read_sidecar(path) -> dict | None:
+    """An output's sidecar as a dict (also the older '<name>.meta.json' beside it), or None if it has none."""
+    path = Path(path)
+    for candidate in (sidecar_path(path), path.with_name(path.name + ".meta.json")):
+        try:
+            return json.loads(candidate.read_text())
+        except (OSError, ValueError):
+            continue
+    return None
 
 
 def package_versions() -> dict:
@@ -31,8 +43,6 @@ def package_versions() -> dict:
         except md.PackageNotFoundError:
             pass
     return out
-
-
 
 
 def plain(obj, strict: bool = True):
@@ -83,7 +93,7 @@ def atomic_write(path, write_fn, *, mode: str = "wb", suffix: str | None = None)
 
 
 def write_sidecar(path, options: dict | None = None, **extra) -> Path:
-    """Write '<path>.meta.json' with the options, the producing script, time and package versions."""
+    """Write the sidecar (sidecar_path) with the options, the producing script, time and package versions."""
     meta = {
         "file": Path(path).name,
         "script": Path(sys.argv[0]).name if sys.argv and sys.argv[0] else None,
@@ -138,6 +148,16 @@ def save_csv(path, rows: list[dict], options: dict | None = None, **extra) -> Pa
     return save_text(path, buf.getvalue(), options, **extra)
 
 
+@contextlib.contextmanager
+def csv_stream(path, columns):
+    """Write rows (dicts with these columns) to a CSV as they come: yields write(rows); the file appears at path
+    only when the block succeeds (write its sidecar afterwards)."""
+    with atomic_path(path, ".tmp.csv") as tmp, open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(columns), lineterminator="\n")
+        writer.writeheader()
+        yield lambda rows: writer.writerows({k: ("" if v is None else v) for k, v in r.items()} for r in rows)
+
+
 def save_figure(path, fig, options: dict | None = None, dpi: int = 130, **extra) -> Path:
     import matplotlib.pyplot as plt
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight"), suffix=".tmp.png")
@@ -145,8 +165,6 @@ def save_figure(path, fig, options: dict | None = None, dpi: int = 130, **extra)
     if options is not None:
         write_sidecar(path, options, **extra)
     return Path(path)
-
-
 
 
 def _cell(value, float_format: str) -> str:

@@ -223,11 +223,6 @@ def plot_roi_accuracy(rows: list[dict], feature_sets, title: str, statistic: str
                             "lines: 95% bootstrap CI over test images; gaps: no voxels or no model")
 
 
-def plot_roi_bars(rows: list[dict], feature_sets, title: str):
-    """The name the results script calls: plot_roi_accuracy."""
-    return plot_roi_accuracy(rows, feature_sets, title)
-
-
 # ---- layer search ----
 
 def plot_layer_roi_heatmap(scores: np.ndarray, layers, rois, title: str, statistic: str = "median"):
@@ -250,23 +245,6 @@ def plot_layer_roi_heatmap(scores: np.ndarray, layers, rois, title: str, statist
     ax.set_ylabel("AlexNet layer")
     ax.set_title(wrap_title(title + " (red outline: chosen layer)", fig.get_figwidth()))
     fig.colorbar(image, ax=ax, label=f"val Pearson r ({statistic} over the ROI's voxels)", shrink=0.9)
-    return finish(fig)
-
-
-def plot_voxel_differences(differences: dict, title: str, label: str):
-    """Violins of per-voxel r differences per ROI (e.g. CL-tuned minus untuned)."""
-    rois = [roi for roi, d in differences.items() if np.isfinite(d).sum() > 1]
-    fig, axes = new_figure(max(6.0, 0.4 * len(rois) + 1.5), 4)
-    ax = axes[0, 0]
-    if rois:
-        parts = ax.violinplot([d[np.isfinite(d)] for d in (differences[r] for r in rois)], showmedians=True)
-        for body in parts["bodies"]:
-            body.set_alpha(0.6)
-        ax.set_xticks(range(1, len(rois) + 1), rois, rotation=90)
-    ax.axhline(0, color="black", lw=0.7, ls="--")
-    ax.set_xlabel("ROI")
-    ax.set_ylabel(f"{label} (Pearson r, per voxel)")
-    ax.set_title(wrap_title(title, fig.get_figwidth()))
     return finish(fig)
 
 

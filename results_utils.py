@@ -2,6 +2,9 @@
 (computed in significance.py over the right unit), group tables and the across-subject tests."""
 from __future__ import annotations
 
+from collections import Counter
+from dataclasses import dataclass, field
+
 import numpy as np
 
 import encoding
@@ -81,10 +84,20 @@ def parse_comparisons(comparisons, feature_sets) -> list[tuple[str, str]]:
     return pairs
 
 
+@dataclass
+class HemisphereResults:
+    """One subject and hemisphere: the per-ROI rows and what the figures and maps need from the fits."""
+    rows: list
+    voxel_r: dict = field(default_factory=dict)   # ROI -> sets x voxels test r (float32; NaN: no model)
+    missing: dict = field(default_factory=dict)   # set -> ROIs without a model
+    layers: dict = field(default_factory=dict)    # set -> {ROI: the layer most of its models (seeds) were read at}
+    alphas: dict = field(default_factory=dict)    # set -> [per-voxel ridge alphas of each model (ROI, seed)]
+
+
 def single_subject_rows(study: EncodingStudy, subject: int, hemi: str, rois, feature_sets, comparisons,
                         n_bootstrap: int = 1000, n_permutations: int = 1000, seed: int = 0,
-                        retrieval_candidates: int = 300):
-    """Per-ROI rows of one subject and hemisphere, per-voxel test r, and {feature set: ROIs without a model}.
+                        retrieval_candidates: int = 300) -> HemisphereResults:
+    """Per-ROI rows of one subject and hemisphere, with per-voxel test r, layers, alphas and missing models.
 
     Per set: the layer it was read at, mean and median test r over the ROI's voxels with bootstrap CIs over test
     images ({mean,median}_r_<set>_ci_low/_ci_high), the challenge score where a noise ceiling is known, and
@@ -92,7 +105,8 @@ def single_subject_rows(study: EncodingStudy, subject: int, hemi: str, rois, fea
     difference of mean and median r with bootstrap CIs ({stat}_diff_a_vs_b_ci_low/_ci_high) and permutation
     p-values over test images. Missing models give empty cells; empty ROIs a row with n_voxels 0.
     """
-    rows, voxel_r, missing = [], {}, {}
+    out = HemisphereResults([])
+    rows, voxel_r, missing = out.rows, out.voxel_r, out.missing
     d = study.subject(subject)
     ceiling = d.noise_ceiling.get(hemi)
     for roi in rois:
@@ -106,6 +120,9 @@ def single_subject_rows(study: EncodingStudy, subject: int, hemi: str, rois, fea
         missing.update({s: missing.get(s, []) + [roi] for s, fit in fits.items() if fit is None})
         r = {s: (fit.r if fit is not None else np.full(len(idx), np.nan)) for s, fit in fits.items()}
         voxel_r[roi] = np.stack([r[s] for s in feature_sets]).astype(np.float32)
+        for s, fit in ((s, fit) for s, fit in fits.items() if fit is not None):
+            out.layers.setdefault(s, {})[roi] = Counter(fit.layers).most_common(1)[0][0]
+            out.alphas.setdefault(s, []).extend(np.asarray(m["alphas"], dtype=np.float32) for m in fit.per_seed)
         for s in feature_sets:
             row[f"layer_{s}"] = "/".join(dict.fromkeys(fits[s].layers)) if fits[s] is not None else ""
         truth = study.test_truth(subject, hemi, roi)
@@ -147,7 +164,8 @@ def single_subject_rows(study: EncodingStudy, subject: int, hemi: str, rois, fea
             row[f"chance_top1_of_{n}"] = ret["chance_top1_subset"]
         rows.append(row)
     p_columns = [f"perm_p_{stat}_{a}_vs_{b}" for a, b in comparisons for stat in ("median", "mean")]
-    return significance.add_fdr_columns(rows, p_columns), voxel_r, missing
+    out.rows = significance.add_fdr_columns(rows, p_columns)
+    return out
 
 
 def _ci_text(low, high) -> str:
@@ -245,7 +263,8 @@ def across_subject_table(rows: list[dict], feature_sets, comparisons, min_subjec
                 for name in (group, "All"):
                     groups.setdefault((subject, hemi, f"group: {name}"), []).append(values)
         group_long = [{"subject": s, "hemisphere": h, "roi": g, "method": m,
-                       "median_r": float(np.mean([v[m] for v in vs]))} for (s, h, g), vs in groups.items() for m in (a, b)]
+                       "median_r": float(np.mean([v[m] for v in vs]))}
+                      for (s, h, g), vs in groups.items() for m in (a, b)]
         for unit_rows in (long, group_long):
             tests = significance.across_subject_tests(unit_rows, "median_r", a, b, min_subjects)
             out += significance.add_fdr_columns(tests, ["p_t", "p_w"], family_keys=("hemisphere",))
@@ -258,22 +277,26 @@ def off_diagonal_mean(matrix: np.ndarray) -> float:
     return float(np.nanmean(off)) if np.isfinite(off).any() else float("nan")
 
 
+def cross_subject_column(study: EncodingStudy, target: int, sources, hemi: str, roi: str, method: str) -> dict:
+    """One target subject's column of the source x target matrices of a per-subject tuned set: {'median_r',
+    'mean_r': test r over the target's ROI voxels with each source's backbone, 'pct_improved': % of the target's
+    voxels beating its own untuned model} (NaN where a source has no model)."""
+    column = {name: np.full(len(sources), np.nan) for name in ("median_r", "mean_r", "pct_improved")}
+    if not len(study.subject(target).roi_voxel_indices[hemi][roi]):
+        return column
+    base = study.fit("untuned", target, hemi, roi)
+    for i, source in enumerate(sources):
+        res = study.fit(method, target, hemi, roi, source=source)
+        if res is not None:
+            column["mean_r"][i], column["median_r"][i], _ = _finite_mean_median(res.r)
+            column["pct_improved"][i] = percent_improved(res.r, base.r) if base is not None else np.nan
+    return column
+
+
 def cross_subject_matrices(study: EncodingStudy, subjects, hemi: str, roi: str, method: str):
-    """Source x target matrices of a per-subject tuned set: median and mean test r over the target's ROI voxels,
-    and % of target voxels beating the target's own untuned model."""
-    n = len(subjects)
-    median_r, mean_r, improved = (np.full((n, n), np.nan) for _ in range(3))
-    for j, target in enumerate(subjects):
-        base = study.fit("untuned", target, hemi, roi) if len(study.subject(target).roi_voxel_indices[hemi][roi]) \
-            else None
-        for i, source in enumerate(subjects):
-            res = study.fit(method, target, hemi, roi, source=source)
-            if res is None:
-                continue
-            mean_r[i, j], median_r[i, j], _ = _finite_mean_median(res.r)
-            if base is not None:
-                improved[i, j] = percent_improved(res.r, base.r)
-    return median_r, mean_r, improved
+    """Source x target matrices (median r, mean r, % improved) of a per-subject tuned set (cross_subject_column)."""
+    columns = [cross_subject_column(study, target, subjects, hemi, roi, method) for target in subjects]
+    return tuple(np.stack([c[name] for c in columns], axis=1) for name in ("median_r", "mean_r", "pct_improved"))
 
 
 def leave_one_subject_out_rows(study: EncodingStudy, subjects, hemi: str, roi: str, feature_sets) -> list[dict]:

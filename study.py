@@ -140,14 +140,21 @@ class EncodingStudy:
         self.s = settings
         self.device = runtime.resolve_device(settings.device)
         self._subjects: dict = {}
+        self._subjects_used: set = set()
         self._fits: OrderedDict = OrderedDict()
         self._fit_cache = fit_cache
         self.checkpoints_used: set = set()
 
     def provenance(self) -> dict:
         """What results so far came from: the split files and the model checkpoints (for sidecars)."""
-        return {"split_files": [str(paths.split_file(self.s.out_dir, s)) for s in sorted(self._subjects)],
+        return {"split_files": [str(paths.split_file(self.s.out_dir, s)) for s in sorted(self._subjects_used)],
                 "checkpoints": sorted(self.checkpoints_used)}
+
+    def release(self, subject: int) -> None:
+        """Forget a subject's data and fits (unmaps its fMRI and images); loaded again when next used."""
+        self._subjects.pop(subject, None)
+        for key in [k for k in self._fits if k[1] == subject]:
+            del self._fits[key]
 
     def alphas(self, tuned: bool):
         """The alpha grid, or the paper's fixed alpha (untuned 1e3, tuned 1e4) in paper mode."""
@@ -156,6 +163,7 @@ class EncodingStudy:
         return list(self.s.alphas)
 
     def subject(self, subject: int) -> utils.Subject:
+        self._subjects_used.add(subject)
         if subject not in self._subjects:
             self._subjects[subject] = utils.load_subject(self.s.data_dir, subject, self.s.out_dir, self.s.image_size,
                                                          self.s.split_seed, self.s.hemispheres,

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import options
+import outputs
 import paths
 import utils
 from conftest import REPO, make_tiny_dataset, run_script
@@ -58,7 +59,7 @@ def test_noise_ceilings_from_ncsnr_are_read_by_the_results(nsd):
         expected = 1 - 1 / (1 + 3 * ncsnr[vertices].astype(np.float32).astype(np.float64) ** 2)
         np.testing.assert_allclose(nc, expected, rtol=1e-6, atol=1e-7)   # float32 files
         assert nc[5] == pytest.approx(0.75)
-        assert (out / paths.subject_dir_name(subject) / f"{hemi}_noise_ceiling.npy.meta.json").is_file()
+        assert outputs.sidecar_path(out / paths.subject_dir_name(subject) / f"{hemi}_noise_ceiling.npy").is_file()
         # the results' reader takes them as fractions of the subject's vertices
         loaded = utils.load_noise_ceiling(utils.find_subject(data, subject), hemi, N_VERTICES, out)
         np.testing.assert_allclose(loaded, nc)

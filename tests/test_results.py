@@ -110,6 +110,11 @@ def pipeline(tmp_path_factory):
         for i in range(16):
             img = np.full((32, 32, 3), 60 * k, dtype=np.uint8) + rng.integers(0, 60, (32, 32, 3), dtype=np.uint8)
             Image.fromarray(img).save(folder / f"{i}.png")
+    for subject in (1, 2):   # the challenge vertices on fsaverage, among fsaverage5's (drawn as cortical maps)
+        for hemi in utils.HEMISPHERES:
+            on_fsaverage = np.zeros(utils.FSAVERAGE_VERTICES, dtype=np.float32)
+            on_fsaverage[np.linspace(0, 10241, 240).astype(int)] = 1
+            np.save(utils.find_subject(root, subject).fsaverage_mask_path(hemi), on_fsaverage)
     out, results = tmp / "out", tmp / "Results"
     common = [f"--data_dir={root}", f"--out_dir={out}", *TINY]
     run("get_best_alex_layer.py", *common, "--hemispheres=lh", "--layers=features.5,features.12,classifier.6")
@@ -120,14 +125,15 @@ def pipeline(tmp_path_factory):
     run("get_best_alex_layer.py", *common, "--hemispheres=lh", "--layers=features.5,features.12,classifier.6")
     proc = run("generate_results.py", *common, f"--results_dir={results}", "--hemispheres=lh",
                "--layers=features.5,features.12,classifier.6",
-               "--rois=FFA-1,V1v,mTL-faces", "--cross_subj_rois=FFA-1", "--classification_rois=FFA-1",
-               "--n_bootstrap=50", "--classification_max_per_class=16", f"--classification_root={root / 'imagefolder'}")
+               "--rois=FFA-1,V1v,mTL-faces,midparietal", "--cross_subj_rois=FFA-1", "--classification_rois=FFA-1",
+               "--n_bootstrap=50", "--classification_max_per_class=16", f"--classification_root={root / 'imagefolder'}",
+               "--map_sets=cl", "--map_comparisons=cl:untuned")
     return {"root": root, "out": out, "results": results, "stdout": proc}
 
 
 def test_single_subject_tables(pipeline):
     rows = {r["roi"]: r for r in read_csv(pipeline["results"] / "subj01" / "single_subj_lh.csv")}
-    assert list(rows) == ["FFA-1", "V1v", "mTL-faces"]
+    assert list(rows) == ["FFA-1", "V1v", "mTL-faces", "midparietal"]
     assert rows["mTL-faces"]["n_voxels"] == "0" and rows["mTL-faces"]["note"] == "empty ROI"
     for method in ("untuned", "reg", "cl"):
         assert np.isfinite(float(rows["FFA-1"][f"median_r_{method}"]))
@@ -149,9 +155,78 @@ def test_single_subject_tables(pipeline):
     assert float(rows["FFA-1"]["pct_improved_cl_vs_untuned"]) == pytest.approx(expected)
     summary = read_csv(pipeline["results"] / "single_subj_summary.csv")
     assert [r["group"] for r in summary] == ["Early", "Higher", "Anatomical", "All"]
-    for name in ("single_subj_lh_bars.png", "single_subj_lh_cl_vs_untuned_voxel_differences.png", "single_subj_lh.md"):
+    for name in ("single_subj_lh_accuracy.png", "single_subj_lh.md"):
         assert (pipeline["results"] / "subj01" / name).is_file()
         assert outputs.sidecar_path(pipeline["results"] / "subj01" / name).is_file()
+
+
+def test_every_output_has_its_sidecar_in_meta_and_the_study_figures_are_drawn(pipeline):
+    results = pipeline["results"]
+    files = [p for p in results.rglob("*") if p.is_file() and p.parent.name != "meta"]
+    assert not [p for p in results.rglob("*.meta.json")]   # no sidecar beside its file
+    assert [p for p in files if not outputs.sidecar_path(p).is_file()] == []
+    assert {p.name for p in results.iterdir()} >= {"meta", "subj01", "subj02", "cross_subj", "classification"}
+    figures = ["accuracy_lh.png", "subject_pairs_vs_untuned.png", "subject_pairs_vs_reg.png", "difference_heatmaps.png",
+               "voxel_hexbin_cl_vs_untuned.png", "alpha_distribution.png", "training_curves.png",
+               "cross_subj/transfer_overview_median_r.png", "cross_subj/transfer_overview_pct_improved.png",
+               "cross_subj/cl_lh_FFA-1_pct_improved.png", "retrieval.png"]
+    assert [f for f in figures if not (results / f).is_file()] == []
+    for subject in ("subj01", "subj02"):   # --map_sets=cl --map_comparisons=cl:untuned; no noise ceiling here
+        assert sorted(p.name for p in (results / subject / "maps").glob("*.png")) == [
+            "accuracy_cl.png", "difference_cl_minus_untuned.png", "layer_cl.png"]
+
+
+def test_tidy_tables_hold_the_wide_tables_numbers(pipeline):
+    results = pipeline["results"]
+    tidy = read_csv(results / "single_subj_tidy.csv")
+    wide = {(r["subject"], r["roi"]): r for s in ("subj01", "subj02")
+            for r in read_csv(results / s / "single_subj_lh.csv")}
+    assert {r["subject"] for r in tidy} == {"1", "2"} and {r["roi"] for r in tidy} == {"FFA-1", "V1v", "midparietal"}
+    for r in tidy:
+        row = wide[(r["subject"], r["roi"])]
+        if r["kind"] == "set" and r["statistic"] in ("mean_r", "median_r"):
+            assert float(r["value"]) == pytest.approx(float(row[f"{r['statistic']}_{r['feature_set']}"]))
+            assert float(r["ci_low"]) == pytest.approx(float(row[f"{r['statistic']}_{r['feature_set']}_ci_low"]))
+            assert r["layer"] == row[f"layer_{r['feature_set']}"]
+        if r["kind"] == "comparison" and r["statistic"] == "median_diff":
+            pair = f"{r['feature_set']}_vs_{r['baseline']}"
+            assert float(r["p"]) == pytest.approx(float(row[f"perm_p_median_{pair}"]))
+    counts = {(r["kind"], r["feature_set"]) for r in tidy if r["roi"] == "FFA-1" and r["subject"] == "1"}
+    assert counts >= {("set", "untuned"), ("set", "cl"), ("set", "reg"), ("comparison", "cl"), ("retrieval", "cl")}
+    transfer = read_csv(results / "cross_subj" / "transfer_tidy.csv")
+    matrix = np.load(results / "cross_subj" / "reg_lh_FFA-1_pct_improved.npy")
+    for r in (r for r in transfer if r["method"] == "reg" and r["statistic"] == "pct_improved"):
+        assert float(r["value"]) == pytest.approx(matrix[int(r["source"]) - 1, int(r["target"]) - 1])
+    assert len([r for r in transfer if r["statistic"] == "median_r"]) == 2 * 4   # 2 methods x 2 x 2 subjects
+
+
+def test_vertex_arrays_hold_the_voxel_r_and_nan_elsewhere(pipeline):
+    root, results = pipeline["root"], pipeline["results"]
+    for subject in (1, 2):
+        s2 = paths.subject_dir_name(subject)
+        arrays = np.load(results / s2 / "lh_vertex_r.npz")
+        voxel_r = np.load(results / s2 / "single_subj_lh_voxel_r.npz")
+        sets = json.loads(outputs.sidecar_path(results / s2 / "single_subj_lh_voxel_r.npz").read_text())["rows"]
+        rois = utils.roi_voxel_indices(utils.find_subject(root, subject), "lh")
+        fitted = np.zeros(240, dtype=bool)
+        for roi in ("FFA-1", "V1v", "midparietal"):
+            fitted[rois[roi]] = True
+        assert arrays["r_untuned"].shape == (240,) and np.isfinite(arrays["r_untuned"][fitted]).all()
+        assert np.isnan(arrays["r_untuned"][~fitted]).all() and (arrays["roi"][~fitted] == -1).all()
+        assert np.isnan(arrays["r_cl"][~np.isin(np.arange(240), rois["FFA-1"])]).all()   # CL: FFA-1 models only
+        names = list(arrays["rois"])
+        for roi in ("FFA-1", "V1v", "midparietal"):
+            own = arrays["roi"][rois[roi]] == names.index(roi)   # vertices whose value is this ROI's fit
+            for k, feature_set in enumerate(sets):
+                np.testing.assert_array_equal(arrays[f"r_{feature_set}"][rois[roi][own]], voxel_r[roi][k][own])
+        overlap = np.intersect1d(rois["V1v"], rois["midparietal"])   # prf-visualrois comes before streams
+        assert overlap.size and (arrays["roi"][overlap] == names.index("V1v")).all()
+        streams = list(arrays["families"]).index("streams")
+        np.testing.assert_array_equal(arrays["r_untuned_by_family"][streams, rois["midparietal"]],
+                                      voxel_r["midparietal"][0])
+        layers = list(arrays["layers"])
+        wide = {r["roi"]: r for r in read_csv(results / s2 / "single_subj_lh.csv")}
+        assert layers[int(arrays["layer_cl"][rois["FFA-1"][0]])] == wide["FFA-1"]["layer_cl"]
 
 
 def test_untuned_score_matches_sklearn_and_scipy(pipeline):

@@ -150,3 +150,62 @@ def test_markdown_report_writes_cis_as_intervals():
     assert "| median_r_cl | median_r_cl 95% CI |" in text
     assert "[0.280, 0.380]" in text and "[0.010, 0.120]" in text and "[0.030, 0.070]" in text
     assert "ci95_" not in text
+
+
+def test_vertex_arrays_keep_every_family_and_take_the_first_family_per_vertex():
+    """Two overlapping ROIs of different families (V1v: prf-visualrois, ventral: streams) and FFA-1 with a CL model
+    only: each vertex takes its first family's fit for every set; NaN where nothing was fitted."""
+    import results_maps
+    n = 12
+    roi_indices = {"V1v": np.array([0, 1, 2, 3]), "ventral": np.array([2, 3, 4, 5]), "FFA-1": np.array([8, 9])}
+    voxel_r = {"V1v": np.array([[0.1, 0.2, 0.3, 0.4], [np.nan] * 4], dtype=np.float32),
+               "ventral": np.array([[0.5, 0.6, 0.7, 0.8], [0.05, 0.06, 0.07, 0.08]], dtype=np.float32),
+               "FFA-1": np.array([[0.9, 1.0], [0.95, 0.96]], dtype=np.float32)}
+    layers = {"untuned": {"V1v": "b", "ventral": "c", "FFA-1": "a"}, "cl": {"ventral": "a", "FFA-1": "c"}}
+    ceiling = np.full(n, 0.5)
+    arrays = results_maps.vertex_arrays(voxel_r, roi_indices, ["untuned", "cl"], layers, ["a", "b", "c"], n, ceiling)
+    nan = np.nan
+    np.testing.assert_array_equal(arrays["r_untuned"], np.array([0.1, 0.2, 0.3, 0.4, 0.7, 0.8, nan, nan, 0.9, 1.0,
+                                                                 nan, nan], dtype=np.float32))
+    # vertices 2-3: V1v (first family) for every set, so CL (no V1v model) is NaN there, not ventral's value
+    np.testing.assert_array_equal(arrays["r_cl"], np.array([nan, nan, nan, nan, 0.07, 0.08, nan, nan, 0.95, 0.96,
+                                                            nan, nan], dtype=np.float32))
+    names = list(arrays["rois"])
+    assert list(arrays["roi"]) == [names.index(r) for r in ["V1v"] * 4 + ["ventral"] * 2] + [-1, -1] + \
+        [names.index("FFA-1")] * 2 + [-1, -1]
+    by_family = arrays["r_untuned_by_family"]
+    families = list(arrays["families"])
+    np.testing.assert_array_equal(by_family[families.index("streams"), 2:6], voxel_r["ventral"][0])
+    np.testing.assert_array_equal(by_family[families.index("prf-visualrois"), :4], voxel_r["V1v"][0])
+    assert np.isnan(by_family[families.index("floc-bodies")]).all()
+    np.testing.assert_array_equal(arrays["layer_untuned"], [1, 1, 1, 1, 2, 2, nan, nan, 0, 0, nan, nan])
+    np.testing.assert_array_equal(arrays["layer_cl"], [nan] * 4 + [0, 0, nan, nan, 2, 2, nan, nan])
+    expected_score = np.where(np.isfinite(arrays["r_cl"]), 100 * np.minimum(arrays["r_cl"] ** 2 / 0.5, 1), np.nan)
+    np.testing.assert_allclose(arrays["score_cl"], expected_score, rtol=1e-6)
+
+
+def test_sidecars_live_in_meta_and_old_ones_are_still_read(tmp_path):
+    import json
+
+    import outputs
+    table = tmp_path / "t.csv"
+    outputs.save_csv(table, [{"a": 1}], {"k": 2})
+    assert outputs.sidecar_path(table) == tmp_path / "meta" / "t.csv.json"
+    assert outputs.read_sidecar(table)["options"] == {"k": 2}
+    old = tmp_path / "old.npy"
+    old.with_name("old.npy.meta.json").write_text(json.dumps({"options": {"k": 3}}))
+    assert outputs.read_sidecar(old)["options"] == {"k": 3} and outputs.read_sidecar(tmp_path / "none") is None
+
+
+def test_streamed_csv_appears_only_when_complete(tmp_path):
+    import outputs
+    path = tmp_path / "tidy.csv"
+    with outputs.csv_stream(path, ["a", "b"]) as write:
+        write([{"a": 1, "b": None}])
+        write([{"a": 2.5, "b": "x"}])
+        assert not path.exists()
+    assert path.read_text() == "a,b\n1,\n2.5,x\n"
+    with pytest.raises(RuntimeError), outputs.csv_stream(tmp_path / "broken.csv", ["a"]) as write:
+        write([{"a": 1}])
+        raise RuntimeError("stopped")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tidy.csv"]

@@ -350,7 +350,7 @@ def test_training_script_under_torchrun_matches_single_process(tiny):
                           timeout=170)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_dir = paths.model_dir(out_dir, "cl", "lh", "FFA-1", subject=1, backbone="tiny")
-    assert sorted(p.name for p in run_dir.iterdir()) == ["best.pt", "last.pt", "log.csv", "log.csv.meta.json"]
+    assert sorted(p.name for p in run_dir.iterdir()) == ["best.pt", "last.pt", "log.csv", "meta"]
     ddp_row, single_row = read_log(run_dir)[0], read_log(single_dir)[0]
     assert ddp_row["train_loss"] == pytest.approx(single_row["train_loss"], rel=1e-5)
     assert ddp_row["val_loss"] == pytest.approx(single_row["val_loss"], rel=1e-3)

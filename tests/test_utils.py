@@ -273,7 +273,8 @@ def test_atomic_write_leaves_old_file_on_failure_and_writes_sidecar(tmp_path):
     with pytest.raises(RuntimeError):
         outputs.atomic_write(target, boom)
     np.testing.assert_array_equal(np.load(target), np.arange(3))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["table.npy", "table.npy.meta.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["meta", "table.npy"]
+    assert [p.name for p in (tmp_path / "meta").iterdir()] == ["table.npy.json"]
 
 
 def test_sectioned_config_sets_each_scripts_options(tmp_path):
