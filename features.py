@@ -143,14 +143,7 @@ def raw_widths(spec: str, layers, image_size: int, features_dir=None, subject: i
     if feature_sets.is_external(spec):
         folder = external_dir(features_dir, subject, spec)
         return {layer: int(np.load(folder / f"train_{layer}.npy", mmap_mode="r").shape[1]) for layer in layers}
-    name = spec_backbone(spec)
-    with torch.random.fork_rng(devices=[]):
-        try:
-            with torch.device("meta"):
-                net = backbones.build(name, "none")
-        except (NotImplementedError, RuntimeError):
-            net = backbones.build(name, "none")
-        return feature_dims(net.eval(), list(layers), image_size)
+    return feature_dims(models.weightless_backbone(spec_backbone(spec)), list(layers), image_size)
 
 
 # ---- External feature sets: features_dir/subjXX/<name>/{train,challenge}_<layer>.npy ----

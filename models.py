@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +49,18 @@ def roi_backbone(backbone: str = "alexnet", weights="DEFAULT", dropout: float | 
             module.p = float(dropout)
     net.preprocessing = preprocessing_of(backbone, weights)
     return net
+
+
+@functools.lru_cache(maxsize=None)
+def weightless_backbone(backbone: str) -> nn.Module:
+    """A backbone's network with its parameters on the meta device (no memory, no init time; the caller's random
+    state untouched): to trace its layers and their shapes."""
+    with torch.random.fork_rng(devices=[]):
+        try:
+            with torch.device("meta"):
+                return backbones.build(backbone, "none").eval()
+        except (NotImplementedError, RuntimeError):  # a network that cannot be built there
+            return backbones.build(backbone, "none").eval()
 
 
 def preprocessing_of(backbone: str, weights) -> backbones.Preprocessing:

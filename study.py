@@ -7,7 +7,6 @@ per voxel fitted on train with its alpha chosen on val, scored on the test split
 """
 from __future__ import annotations
 
-import functools
 import re
 import time
 from collections import OrderedDict
@@ -84,7 +83,7 @@ class StudySettings:
 
     def check(self) -> None:
         models.check_image_size(self.backbone, self.weights, self.image_size)
-        backbones.check_layers(_traced(self.backbone), self.layers)
+        backbones.check_layers(models.weightless_backbone(self.backbone), self.layers)
         for name, value, allowed in (("alpha_mode", self.alpha_mode, ALPHA_MODES),
                                      ("feature_scaling", self.feature_scaling, FEATURE_SCALINGS),
                                      ("layer_statistic", self.layer_statistic, search.STATISTICS),
@@ -102,18 +101,6 @@ class StudySettings:
     def untuned_spec(self) -> str:
         """'untuned:<backbone>:<weights>': the untuned network's features (features.load_backbone)."""
         return features.untuned_spec(self.backbone, self.weights)
-
-
-@functools.lru_cache(maxsize=None)
-def _traced(backbone: str):
-    """A weightless network of a backbone (parameters on the meta device) to check layer names against."""
-    import torch
-    with torch.random.fork_rng(devices=[]):
-        try:
-            with torch.device("meta"):
-                return backbones.build(backbone, "none")
-        except (NotImplementedError, RuntimeError):
-            return backbones.build(backbone, "none")
 
 
 @dataclass
