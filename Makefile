@@ -58,3 +58,27 @@ bench: setup
 
 clean-demo:
 	rm -rf $(DEMO_DATA) $(DEMO_OUT) $(SUBMISSION)
+
+# `make demo-backbone` (BACKBONE=resnet18 by default; any backbones.parse name, e.g. convnext_tiny, timm:resnet18,
+# or tiny-vit with BACKBONE_SIZE=32): the whole comparison, untuned vs reg- vs CL-tuned, with another backbone on the
+# demo data, random init offline: layer search, CL and reg models per subject, the tuned searches, results, submission.
+BACKBONE      ?= resnet18
+BACKBONE_SIZE ?= 64
+BACKBONE_FLAGS := --data_dir=$(DEMO_DATA) --out_dir=$(DEMO_OUT) --weights=none --image_size=$(BACKBONE_SIZE) \
+                  --backbone=$(BACKBONE)
+BACKBONE_RESULTS ?= $(RESULTS)/$(subst :,-,$(subst /,_,$(BACKBONE)))
+.PHONY: demo-backbone
+demo-backbone: demo-data
+	$(PY) generate_voxel_roi_mappings.py --data_dir=$(DEMO_DATA) --out_dir=$(DEMO_OUT)
+	$(PY) get_best_alex_layer.py $(BACKBONE_FLAGS) --hemispheres=lh --feature_sets=untuned
+	for s in 1 2; do \
+	  $(PY) cl_model_training_all_rois.py $(BACKBONE_FLAGS) $(DEMO_TRAIN) --hemispheres=lh --rois=$(DEMO_ROIS) --subjects=$$s && \
+	  $(PY) reg_model_training_all_rois.py $(BACKBONE_FLAGS) $(DEMO_TRAIN) --hemispheres=lh --rois=$(DEMO_ROIS) --subjects=$$s \
+	  || exit 1; \
+	done
+	$(PY) get_best_alex_layer.py $(BACKBONE_FLAGS) --hemispheres=lh --rois=$(DEMO_ROIS)
+	$(PY) generate_results.py $(BACKBONE_FLAGS) --results_dir=$(BACKBONE_RESULTS) --result_type=all --hemispheres=lh \
+	  --rois=$(DEMO_ROIS) --cross_subj_rois=$(DEMO_ROIS) --classification_rois=$(DEMO_POOLED_ROI) \
+	  --classification_root=$(DEMO_DATA)/imagefolder --feature_sets=untuned,reg,cl --comparisons=cl:untuned,cl:reg
+	$(PY) predict_test_images.py $(BACKBONE_FLAGS) --submission_dir=$(BACKBONE_RESULTS)/submission --tuned_sets=cl,reg
+	@echo "demo-backbone finished: $(BACKBONE) tables and figures in $(BACKBONE_RESULTS)/, models in $(DEMO_OUT)/models/"

@@ -10,6 +10,8 @@
 and how often GCV and val selection choose the same alpha, with the median |val r difference| between them.
 (training, loader, gpu) run benchmark_training.py: training images/s per variant and batch delivery on this CPU
 (--benchmarks=training,loader), or everything on one GPU with the real settings (--benchmarks=gpu).
+(backbones) runs benchmark_backbones.py: extraction and training images/s, peak memory and the full-size search cost
+of alexnet, resnet18, resnet50, vit_b_16 and convnext_tiny at 224 px.
 Every fit runs in a fresh child process (its own peak RSS; no torch/OpenBLAS thread pools spinning
 against each other) and the methods alternate over rounds, so background load hits them alike.
 All libraries get the same float32 arrays; the table says what dtype each computed in.
@@ -45,7 +47,7 @@ import options
 import outputs
 import synthetic_data
 
-KNOWN = ("ridge", "gcv", "himalaya", "ridgecv", "pearson", "memory", "training", "loader", "gpu")
+KNOWN = ("ridge", "gcv", "himalaya", "ridgecv", "pearson", "memory", "training", "loader", "gpu", "backbones")
 
 
 def peak_rss_gb() -> float:
@@ -149,6 +151,14 @@ if himalaya_backend not in ("numpy", "torch"):
     raise options.OptionsError(f"--himalaya_backend={himalaya_backend}: expected numpy or torch")
 
 
+# ---- backbones: timed by benchmark_backbones.py in its own process ----
+if "backbones" in benchmarks:
+    if subprocess.run([sys.executable, str(Path(__file__).resolve().parent / "benchmark_backbones.py"),
+                       f"--out_dir={out_dir}", f"--write_summary={str(write_summary).lower()}"]).returncode:
+        sys.exit(1)
+    if set(benchmarks) <= {"backbones"}:
+        sys.exit(0)
+
 # ---- training, loader, gpu: timed by benchmark_training.py in its own process ----
 delegated = [name for name in ("training", "loader", "gpu") if name in benchmarks]
 if delegated:
@@ -161,7 +171,7 @@ if delegated:
                     "--variants=fp32,fp32-cl,bf16-cl,bf16-cl-resident"]
     if subprocess.run(command).returncode:
         sys.exit(1)
-    if set(benchmarks) <= {"training", "loader", "gpu"}:
+    if set(benchmarks) <= {"training", "loader", "gpu", "backbones"}:
         sys.exit(0)
 
 sizes = dict(n_train=n_train, n_val=n_val, n_features=n_features, n_voxels=n_voxels, n_alphas=n_alphas, seed=seed)

@@ -106,7 +106,7 @@ def training_rate(method: str, variant: str, host_images: torch.Tensor) -> float
 def inference_rate(host_images: torch.Tensor) -> float:
     """Images/s of the backbone's forward pass (val and feature extraction), bf16 + channels_last where timed."""
     torch.manual_seed(seed)
-    backbone = models.build_alexnet("none").to(dev).eval().to(memory_format=torch.channels_last)
+    backbone = models.roi_backbone("alexnet", "none").to(dev).eval().to(memory_format=torch.channels_last)
     rows = np.arange(min(batch_size, len(host_images)))
     with torch.inference_mode(), runtime.autocast_context(dev, amp=True, cpu_bf16=True):
         for k in range(warmup + steps):

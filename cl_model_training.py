@@ -27,10 +27,14 @@ lr_patience = 3                # plateau: epochs without val-loss improvement be
 lr_factor = 0.1                # plateau: lr multiplier
 pooled_h_method = "constant"   # pooled: hidden size h = 5741 (constant, the original's) | average (mean voxel count)
 subject_order = "interleaved"  # pooled: interleaved (subjects' batches in seeded random order) | sequential
-backbone = "alexnet"           # alexnet (the paper's) | tiny (a small stand-in network for fast tests)
-weights = "IMAGENET1K_V1"      # IMAGENET1K_V1 (torchvision cache) | none (random init) | a local .pth state dict
-dropout = 0.5                  # AlexNet classifier dropout (torchvision default; 0 makes DDP runs match 1 process)
-image_size = 224               # input size in px (PNGs decoded once into the image cache at this size)
+backbone = "alexnet"           # alexnet (the paper's) | a torchvision classifier (resnet50, vit_b_16, convnext_tiny,
+                               # ...) | timm:<name> | open_clip:<arch>/<tag> | tiny, tiny-vit (test stand-ins)
+weights = "DEFAULT"            # DEFAULT (the weights' own; torchvision, timm or open_clip cache) | a torchvision
+                               # weights name (IMAGENET1K_V1) | none (random init) | a local state dict
+dropout = 0.5                  # p of the backbone's dropout layers that are on (AlexNet's classifier: torchvision's
+                               # 0.5; ViTs' p=0 layers stay off); 0 makes DDP runs match 1 process
+image_size = 224               # input size in px (PNGs decoded once into the image cache at this size; ViTs and
+                               # CLIP take only their own size: 224, tiny-vit 32)
 hflip = False                  # random horizontal flips (off: a flip swaps the visual hemifields)
 min_voxels = 20                # train an ROI (pool a subject) with at least this many voxels (original pooled: 1)
 batching = "even"              # even: near-equal global batches (this repo) | remainder: batch_size + a smaller last
@@ -88,7 +92,7 @@ if runtime.is_main:
 rows = []
 for seed in seed_list:
     run_dir = paths.model_dir(out_dir, "cl", hemisphere, roi, subject=None if pooled else subject_list[0], seed=seed,
-                              backbone=backbone, exclude_subject=exclude_subject or None,
+                              backbone=settings.backbone, exclude_subject=exclude_subject or None,
                               pooled_h_method=pooled_h_method)
     summary = training.train_roi_model("cl", sources, run_dir, replace(settings, seed=seed), config, runtime,
                                        desc=f"{'pooled ' if pooled else ''}cl {hemisphere} {roi} seed {seed}")

@@ -53,7 +53,7 @@ for k, (hemi, roi, seed) in enumerate(jobs):
                                                           too_small.items()) + f" (< {config['min_voxels']})"})
         continue
     run_dir = paths.model_dir(config["out_dir"], "cl", hemi, roi, subject=None if pooled else subject_list[0],
-                              seed=seed, backbone=config["backbone"], exclude_subject=exclude_subject or None,
+                              seed=seed, backbone=settings.backbone, exclude_subject=exclude_subject or None,
                               pooled_h_method=config["pooled_h_method"])
     summary = training.train_roi_model("cl", sources, run_dir, replace(settings, seed=seed), config, runtime,
                                        desc=f"[{k + 1}/{len(jobs)}] {'pooled ' if pooled else ''}cl {hemi} {roi} "
@@ -63,7 +63,7 @@ for k, (hemi, roi, seed) in enumerate(jobs):
 # summary
 if runtime.is_main:
     table_path = paths.sweep_summary_file(config["out_dir"], "cl", subject=None if pooled else subject_list[0],
-                                          backbone=config["backbone"], exclude_subject=exclude_subject or None,
+                                          backbone=settings.backbone, exclude_subject=exclude_subject or None,
                                           pooled_h_method=config["pooled_h_method"], shard=shard_index)
     outputs.save_csv(table_path, rows, config)
     print(outputs.format_table(rows, float_format="{:.4g}"))

@@ -1,4 +1,4 @@
-"""Backbones to features: batched extraction of a backbone's layers and the on-disk feature cache."""
+"""Backbones to features: batched extraction of a backbone's layers, external feature sets, the on-disk cache."""
 from __future__ import annotations
 
 import hashlib
@@ -9,6 +9,8 @@ import torch
 import torch.utils.data
 from torch import nn
 
+import backbones
+import feature_sets
 import models
 import options
 import outputs
@@ -16,12 +18,12 @@ import paths
 import pca
 import runtime
 import utils
-from models import ALEXNET_LAYERS
+from backbones import ALEXNET_LAYERS
+
 
 def feature_dims(backbone: nn.Module, layers=ALEXNET_LAYERS, image_size: int = 224) -> dict[str, int]:
     """Flattened feature size of each layer for image_size inputs (to preallocate feature arrays)."""
-    from torchvision.models.feature_extraction import create_feature_extractor
-    extractor = create_feature_extractor(backbone, return_nodes={l: l for l in layers}).eval()
+    extractor = backbones.feature_extractor(backbone, layers).eval()
     device = next(backbone.parameters()).device
     with torch.inference_mode():
         out = extractor(torch.zeros(1, 3, image_size, image_size, device=device))
@@ -36,13 +38,13 @@ def extract_features(backbone: nn.Module, images_uint8: np.ndarray, indices=None
     Rows follow the order of indices (all images if None). out: optional preallocated {layer: array}
     (e.g. np.memmap) to fill instead of allocating. The backbone is run in eval mode under inference_mode.
     """
-    from torchvision.models.feature_extraction import create_feature_extractor
     from tqdm import tqdm
     indices = np.arange(len(images_uint8)) if indices is None else np.asarray(indices, dtype=np.int64)
     device = torch.device(device) if device is not None else next(backbone.parameters()).device
     was_training = backbone.training
     backbone = backbone.to(device).eval()
-    extractor = create_feature_extractor(backbone, return_nodes={l: l for l in layers}).eval()
+    extractor = backbones.feature_extractor(backbone, layers).eval()
+    mean, std = models.normalisation(backbone)
     if channels_last:
         extractor = extractor.to(memory_format=torch.channels_last)
     chunks = [np.arange(s, min(s + batch_size, len(indices))) for s in range(0, len(indices), batch_size)]
@@ -57,7 +59,7 @@ def extract_features(backbone: nn.Module, images_uint8: np.ndarray, indices=None
                disable=len(indices) == 0)
     with torch.inference_mode(), runtime.autocast_context(device, amp, cpu_bf16=amp):
         for (positions, batch), _ in runtime.prefetched(fetch, chunks):
-            feats = extractor(runtime.prepare_images(batch, device, channels_last))
+            feats = extractor(runtime.prepare_images(batch, device, channels_last, None, mean, std))
             for layer in layers:
                 values = feats[layer].flatten(1).float().cpu().numpy()
                 if out is None:
@@ -74,42 +76,121 @@ def extract_features(backbone: nn.Module, images_uint8: np.ndarray, indices=None
     return out
 
 
-# ---- The feature cache: one cached extractor for untuned and tuned backbones ----
+# ---- The feature cache: one cached extractor for untuned and tuned backbones and external sets ----
 
 
-def backbone_spec_tag(spec: str) -> str:
-    """A short, readable cache tag for a backbone: 'untuned-<weights>' or '<checkpoint dir>-<hash>'.
+def untuned_spec(backbone: str, weights) -> str:
+    """'untuned:<backbone>:<weights>' (both canonical: DEFAULT resolved for torchvision, so either spelling is one)."""
+    name = backbones.parse(backbone).name
+    return f"untuned:{name}:{models.weights_name(name, weights)}"
 
-    spec is 'untuned:<weights>' or the path of a CL/reg checkpoint (its size and mtime enter the hash,
-    so a retrained model never reuses stale features).
+
+def parse_untuned(spec: str) -> tuple[str, str]:
+    """'untuned:<backbone>:<weights>' -> (backbone, weights); 'untuned:<weights>' (before backbones) is AlexNet's."""
+    body = spec[len("untuned:"):]
+    backbone, _, weights = body.rpartition(":")
+    return backbone or "alexnet", weights
+
+
+def _file_key(path: Path) -> str:
+    st = path.stat()
+    return f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def backbone_spec_tag(spec: str, features_dir=None, subject: int | None = None) -> str:
+    """A short, readable cache tag: 'untuned-[<backbone>-]<weights>-<hash>' (AlexNet's without the backbone, as
+    before backbones), '<checkpoint dir>-<hash>', or 'external-<name>-<hash>' (of its files: size and mtime).
+
+    spec is an untuned_spec, the path of a CL/reg checkpoint (its size and mtime enter the hash, so a retrained
+    model never reuses stale features), or 'external:<name>' (with features_dir and the subject).
     """
     if spec.startswith("untuned:"):
-        weights = spec.split(":", 1)[1]
-        key = weights
-        if Path(weights).is_file():
-            st = Path(weights).stat()
-            key = f"{Path(weights).resolve()}:{st.st_size}:{st.st_mtime_ns}"
-        name = (Path(weights).stem if Path(weights).suffix else weights).replace(":", "-")
-        return f"untuned-{name}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
+        backbone, weights = parse_untuned(spec)
+        key = _file_key(Path(weights)) if Path(weights).is_file() else weights
+        name = Path(weights).stem if Path(weights).suffix else weights
+        prefix = "" if backbone == "alexnet" else f"{paths.backbone_dir_name(backbone)}-"
+        return f"untuned-{prefix}{name}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
+    if feature_sets.is_external(spec):
+        folder = external_dir(features_dir, subject, spec)
+        key = ";".join(_file_key(f) for f in sorted(folder.glob("*.npy")))
+        return f"external-{feature_sets.external_name(spec)}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
     path = Path(spec)
     if not path.is_file():
         raise options.DataError(f"{path}: model checkpoint not found")
-    st = path.stat()
-    key = f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
     parts = path.parent.parts[-6:]  # backbone / method / subjXX / hemi / roi / seed (pooled: ... / loso / seed)
-    return "-".join(parts + (path.stem, hashlib.sha1(key.encode()).hexdigest()[:8]))
+    return "-".join(parts + (path.stem, hashlib.sha1(_file_key(path).encode()).hexdigest()[:8]))
 
 
-def load_backbone(spec: str, device):
-    """The backbone a spec names: untuned with its weights, or the tuned backbone of a checkpoint."""
+def load_backbone(spec: str, device, backbone: str | None = None):
+    """The network a spec names: untuned with its weights (weights none: the same seeded init in every stage and
+    process), or the tuned backbone of a checkpoint (backbone: refuse one trained with another backbone)."""
     if spec.startswith("untuned:"):
-        name = spec.split(":", 1)[1]  # '<weights>' (AlexNet) or '<backbone>:<weights>' (StudySettings.untuned_spec)
-        backbone, weights = name.split(":", 1) if name.split(":", 1)[0] in models.BACKBONES else ("alexnet", name)
+        name, weights = parse_untuned(spec)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)  # weights=none: the same random init in every stage and process
-            net = models.build_alexnet(weights) if backbone == "alexnet" else models.build_backbone(backbone, weights)
-            return net.to(device).eval()
-    return models.load_tuned_backbone(spec, device).eval()
+            torch.manual_seed(0)
+            return models.roi_backbone(name, weights, dropout=None).to(device).eval()
+    return models.load_tuned_backbone(spec, device, backbone).eval()
+
+
+def spec_backbone(spec: str) -> str:
+    """The backbone name of an untuned spec or a checkpoint."""
+    return parse_untuned(spec)[0] if spec.startswith("untuned:") else models.checkpoint_backbone(spec)
+
+
+def raw_widths(spec: str, layers, image_size: int, features_dir=None, subject: int | None = None) -> dict:
+    """{layer: features before any PCA} of a backbone spec at image_size (traced on the meta device: no weights,
+    no compute) or of an external set's train files."""
+    if feature_sets.is_external(spec):
+        folder = external_dir(features_dir, subject, spec)
+        return {layer: int(np.load(folder / f"train_{layer}.npy", mmap_mode="r").shape[1]) for layer in layers}
+    return feature_dims(models.weightless_backbone(spec_backbone(spec)), list(layers), image_size)
+
+
+# ---- External feature sets: features_dir/subjXX/<name>/{train,challenge}_<layer>.npy ----
+
+EXTERNAL_FILES = "features_dir/subjXX/<name>/{train,challenge}_<layer>.npy"
+
+
+def external_dir(features_dir, subject: int, feature_set: str) -> Path:
+    """features_dir/subjXX/<name> of an external set."""
+    if not features_dir:
+        raise options.OptionsError(f"{feature_set}: an external feature set needs --features_dir ({EXTERNAL_FILES})")
+    return Path(features_dir) / paths.subject_dir_name(subject) / feature_sets.external_name(feature_set)
+
+
+def external_layers(features_dir, subject: int, feature_set: str) -> list[str]:
+    """The layers of an external set on a subject: its train_<layer>.npy files, in natural order (layer2 < layer10)."""
+    import re
+    folder = external_dir(features_dir, subject, feature_set)
+    layers = [f.name[len("train_"):-len(".npy")] for f in folder.glob("train_*.npy")] if folder.is_dir() else []
+    if not layers:
+        raise options.DataError(f"{folder}: no train_<layer>.npy files for {feature_set}; expected {EXTERNAL_FILES}, "
+                                "one row per training image in fMRI row order")
+    return sorted(layers, key=lambda name: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)])
+
+
+def read_external(path: Path, n_rows: int, what: str) -> np.ndarray:
+    """An external feature file, memory-mapped, after checks (2-D, float16/32, n_rows rows, finite); one-line
+    DataErrors naming the file."""
+    if not path.is_file():
+        raise options.DataError(f"{path}: not found; expected {EXTERNAL_FILES} ({what})")
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise options.DataError(f"{path}: not a readable .npy array ({type(err).__name__}: {err})") from None
+    if array.ndim != 2:
+        raise options.DataError(f"{path}: shape {array.shape}; expected 2-D (images x features)")
+    if array.dtype not in (np.float16, np.float32):
+        raise options.DataError(f"{path}: dtype {array.dtype}; expected float16 or float32")
+    if len(array) != n_rows:
+        raise options.DataError(f"{path}: {len(array)} rows; expected {n_rows}, one per {what}")
+    for start in range(0, n_rows, 1024):  # a block at a time: the file may not fit in memory
+        block = np.asarray(array[start:start + 1024])
+        if not np.isfinite(block).all():
+            bad = start + int(np.flatnonzero(~np.isfinite(block).all(1))[0])
+            raise options.DataError(f"{path}: non-finite values (NaN or inf), first in row {bad}; expected finite "
+                                    "features")
+    return array
 
 
 def _indices_hash(indices) -> str:
@@ -117,7 +198,8 @@ def _indices_hash(indices) -> str:
 
 
 def layer_features(out_dir, subject: int, spec: str, layers, image_sets: dict, image_size: int,
-                   pca_components: int = 1000, seed: int = 0, device=None, batch_size: int = 128) -> dict:
+                   pca_components: int = 1000, seed: int = 0, device=None, batch_size: int = 128,
+                   features_dir=None) -> dict:
     """{layer: {set name: n x d float32}} of image sets (name -> (uint8 N x 3 x S x S images, row indices)).
 
     Layers wider than pca_components are reduced by a PCA fitted on the 'train' set only (which must be given;
@@ -125,11 +207,12 @@ def layer_features(out_dir, subject: int, spec: str, layers, image_sets: dict, i
     from ONE forward pass over the images of the sets that need it; raw activations are streamed to temporary
     files on disk, so memory holds one layer's train activations at a time (for its PCA).
     Cached under out_dir/features/subjXX/<backbone tag>/, keyed by layer, image size, PCA size and row indices.
+    An external set (spec 'external:<name>') reads its rows from features_dir instead of running a backbone.
     """
     layers = list(layers)
     if "train" not in image_sets:
         raise ValueError("layer_features needs a 'train' image set (the PCA is fitted on it)")
-    cache_dir = paths.feature_cache_dir(out_dir, subject, backbone_spec_tag(spec))
+    cache_dir = paths.feature_cache_dir(out_dir, subject, backbone_spec_tag(spec, features_dir, subject))
     train_key = f"{image_size}px_pca{pca_components}-{_indices_hash(image_sets['train'][1])}"
 
     def file_of(layer, name):
@@ -145,7 +228,10 @@ def layer_features(out_dir, subject: int, spec: str, layers, image_sets: dict, i
         if missing:
             # cached train features come with their saved PCA (saved first) when the layer is wide
             todo[layer] = missing if file_of(layer, "train").is_file() else list(image_sets)
-    if todo:
+    if todo and feature_sets.is_external(spec):
+        _read_and_reduce(spec, todo, image_sets, cache_dir, file_of, pca_file, pca_components, seed, device,
+                         external_dir(features_dir, subject, spec))
+    elif todo:
         _extract_and_reduce(spec, todo, image_sets, cache_dir, file_of, pca_file, pca_components, seed, device,
                             batch_size, f"{paths.subject_dir_name(subject)} {Path(spec).parent.name or spec}")
     return {layer: {name: np.load(file_of(layer, name)) for name in image_sets} for layer in layers}
@@ -193,6 +279,38 @@ def _extract_and_reduce(spec, todo: dict, image_sets, cache_dir, file_of, pca_fi
                 Path(raw[name].pop(layer).filename).unlink(missing_ok=True)
 
 
+def _read_and_reduce(spec, todo: dict, image_sets, cache_dir, file_of, pca_file, pca_components, seed, device,
+                     folder: Path):
+    """External features: each layer's rows of the sets in todo from its checked files (the challenge set from
+    challenge_<layer>.npy, the others from train_<layer>.npy), reduced as _extract_and_reduce reduces activations."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    for layer, names in todo.items():
+        files = {}
+        for kind in {"challenge" if name == "challenge" else "train" for name in names}:
+            n_images = len(image_sets["challenge" if kind == "challenge" else "train"][0])
+            files[kind] = read_external(folder / f"{kind}_{layer}.npy", n_images, "challenge test image, in file "
+                                        "order" if kind == "challenge" else "training image, in fMRI row order")
+
+        def rows_of(name):
+            array = files["challenge" if name == "challenge" else "train"]
+            return np.asarray(array[np.asarray(image_sets[name][1], dtype=np.int64)], dtype=np.float32)
+
+        fitted = None
+        if next(iter(files.values())).shape[1] > pca_components:
+            if "train" in names:
+                fitted = pca.fit(rows_of("train"), pca_components, seed, device)
+                outputs.save_npz(pca_file(layer), pca.arrays(fitted), {"pca_components": pca_components,
+                                                                     "seed": seed}, backbone=spec)
+            else:
+                fitted = pca.from_arrays(np.load(pca_file(layer)))
+        for name in names:
+            feats = rows_of(name)
+            if fitted is not None:
+                feats = np.concatenate([fitted.transform(feats[i:i + 4096]) for i in range(0, len(feats), 4096)]
+                                       or [np.empty((0, fitted.n_components_), dtype=np.float32)])
+            outputs.save_npy(file_of(layer, name), np.ascontiguousarray(feats, dtype=np.float32))
+
+
 def subject_image_sets(subject_data: utils.Subject, splits=utils.SPLIT_NAMES, challenge_images=None) -> dict:
     """The image sets of one subject for layer_features: its train/val/test rows (+ the challenge test images)."""
     sets = {name: (subject_data.images, subject_data.split[name]) for name in splits}
@@ -204,6 +322,6 @@ def subject_image_sets(subject_data: utils.Subject, splits=utils.SPLIT_NAMES, ch
 def drop_cached_layers(out_dir, subject: int, spec: str, keep) -> None:
     """Delete a backbone's cached features except the kept layers (a tuned search needs only its chosen one)."""
     cache_dir = paths.feature_cache_dir(out_dir, subject, backbone_spec_tag(spec))
-    for path in cache_dir.glob("*.npy*") if cache_dir.is_dir() else ():
-        if path.name.split("_", 1)[0] not in keep and not path.name.endswith((".tmp.npy",)):
+    for path in cache_dir.glob("*.npy*") if cache_dir.is_dir() else ():  # (layer names may hold '_')
+        if not any(path.name.startswith(f"{layer}_") for layer in keep) and not path.name.endswith(".tmp.npy"):
             path.unlink(missing_ok=True)

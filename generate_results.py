@@ -25,8 +25,9 @@ feature_sets = ["untuned", "reg", "cl", "pooled-reg", "pooled-cl"]  # sets compa
                                             # cells); also external:<name> (features_dir)
 comparisons = ["cl:untuned", "cl:reg", "pooled-cl:untuned", "pooled-cl:cl", "pooled-reg:reg"]  # set:baseline
 seeds = []                                  # tuned models' seeds averaged; [] = every seed trained
-backbone = "alexnet"                        # the network whose untuned and tuned features are compared
-weights = "IMAGENET1K_V1"                   # untuned network weights (as in get_best_alex_layer.py)
+backbone = "alexnet"                        # the network whose untuned and tuned features are compared (as in
+                                            # get_best_alex_layer.py: alexnet, resnet50, timm:<name>, ...)
+weights = "DEFAULT"                         # untuned network weights (as in get_best_alex_layer.py)
 checkpoint = "best"                         # best (val-selected) | last (final epoch; trained with keep_last)
 pooled_h_method = "constant"                # which pooled CL models: constant (h = 5741) | average
 features_dir = ""                           # external sets: features_dir/subjXX/<name>/{train,challenge}_<layer>.npy
@@ -35,7 +36,8 @@ methods = ["cl", "reg"]                     # per-subject tuned sets in the cros
 image_size = 224                            # pixels fed to the network (as in training)
 tuned_layer = "best"                        # best: each set's own layer search | untuned: the ROI's best untuned
                                             # layer (2023 original) | a layer name for every tuned set
-layers = []                                 # the searched layers (as get_best_alex_layer.py); [] = AlexNet's 8
+layers = []                                 # the searched layers (as get_best_alex_layer.py); [] = the backbone's
+                                            # default (AlexNet: the paper's 8)
 layer_statistic = "median"                  # as get_best_alex_layer.py (part of each search's key)
 pca_components = 1000                       # PCA size for wide layers (fitted on train only)
 alpha_mode = "per-voxel"                    # per-voxel | per-roi (one alpha per ROI and set) | untuned-per-roi
@@ -60,7 +62,8 @@ classification_root = ""                    # the dataset's folder (needed by cl
 classification_max_per_class = 0            # images per class used for the probe (0 = all, as the original)
 classification_subjects = []                # backbones' subjects for the probe; [] = all
 classification_rois = ["FFA-1", "PPA", "EBA", "VWFA-1", "V1v"]  # backbones' ROIs for the probe
-probe_layer = "classifier.5"                # layer the linear probe reads (original: classifier.5, fc7)
+probe_layer = ""                            # layer the linear probe reads; "" = AlexNet's classifier.5 (fc7, the
+                                            # original's), other backbones' embedding node
 probe_test_fraction = 0.15                  # held-out fraction of the probe's seeded split (original: 85/15)
 map_sets = ["untuned", "cl"]                # sets drawn on the cortex per subject (test r, chosen layer, challenge
                                             # score where a noise ceiling is known); [] = no cortical maps
@@ -289,7 +292,9 @@ if "cross-subj" in result_types:
 # ---- classification: linear probes of every backbone on one dataset ----
 if "classification-task" in result_types:
     images, labels, classes = probes.probe_image_cache(classification_dataset, classification_root, out_dir,
-                                                       classification_max_per_class, seed)
+                                                       classification_max_per_class, seed,
+                                                       **probes.probe_input(settings.backbone, settings.weights))
+    probe_layer = probe_layer or probes.probe_layer(settings.backbone)
     backbones = [("untuned", 0, "", "", None, settings.untuned_spec())]
     for hemi in settings.hemispheres:
         for roi in utils.check_roi_names(classification_rois):
@@ -304,10 +309,10 @@ if "classification-task" in result_types:
                               for s, d in study.run_dirs(pooled, 0, hemi, roi)]
     rows = []
     for method, subject, hemi, roi, model_seed, spec in backbones:  # one forward pass per backbone
-        backbone_net = features.load_backbone(spec, study.device)
-        feats = features.extract_features(backbone_net, images, None, [probe_layer], batch_size=batch_size,
+        backbone = features.load_backbone(spec, study.device, settings.backbone)
+        feats = features.extract_features(backbone, images, None, [probe_layer], batch_size=batch_size,
                                           device=study.device, desc=f"probe features {method} {hemi} {roi}")
-        del backbone_net
+        del backbone
         rows.append({"method": method, "subject": subject, "hemisphere": hemi, "roi": roi, "seed": model_seed,
                      "accuracy": probes.linear_probe_accuracy(feats[probe_layer], labels, probe_test_fraction, seed),
                      "chance": float(np.max(np.bincount(labels)) / len(labels)), "n_images": len(labels),

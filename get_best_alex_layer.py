@@ -20,14 +20,21 @@ feature_sets = []                           # untuned | cl | reg | pooled-cl | p
 seeds = []                                  # tuned models' seeds to search; [] = every seed trained
 shard = "0/1"                               # i/n: this process runs jobs i, i+n, i+2n, ... of the search
 resume = True                               # skip searches already saved with the same options
-backbone = "alexnet"                        # the network (untuned, and the tuned models' backbone)
-weights = "IMAGENET1K_V1"                   # untuned network: IMAGENET1K_V1 | none (random) | a .pth path
+backbone = "alexnet"                        # the network (untuned, and the tuned models' backbone): alexnet (the
+                                            # paper's) | a torchvision classifier (resnet50, vit_b_16, ...) |
+                                            # timm:<name> | open_clip:<arch>/<tag> | tiny, tiny-vit (test stand-ins)
+weights = "DEFAULT"                         # untuned network: DEFAULT (the weights' own: torchvision, timm or
+                                            # open_clip cache) | a torchvision weights name (IMAGENET1K_V1) | none
+                                            # (random init) | a local state dict (.pth, .safetensors)
 checkpoint = "best"                         # tuned models: best (lowest val loss) | last (final epoch; keep_last)
 pooled_h_method = "constant"                # which pooled CL models: constant (h = 5741) | average
 features_dir = ""                           # external sets: features_dir/subjXX/<name>/{train,challenge}_<layer>.npy
-layers = []                                 # layers compared; [] = AlexNet's 8 (models.ALEXNET_LAYERS)
+layers = []                                 # layers compared (torchvision feature_extraction node names or module
+                                            # paths); [] = the backbone's default ~8 (AlexNet: the paper's 8);
+                                            # external sets: every train_<layer>.npy of theirs
 image_size = 224                            # pixels fed to the network
-pca_components = 1000                       # PCA size for wider layers (fitted on train only)
+pca_components = 1000                       # PCA size for wider layers (fitted on train only; each search JSON
+                                            # states the reduction per layer)
 alphas = []                                 # ridge alpha grid (one chosen per voxel); [] = encoding.ALPHAS
 feature_scaling = "auto"                    # auto (unit variance for an alpha grid) | unit | none
 layer_statistic = "median"                  # median | mean (2023 original) cross-fitted val r over an ROI's voxels

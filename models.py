@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -10,79 +11,79 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+import backbones
 import options
 import outputs
 
-ALEXNET_LAYERS = ("features.2", "features.5", "features.7", "features.9", "features.12",
-                  "classifier.2", "classifier.5", "classifier.6")
 METHODS = ("cl", "reg")
-BACKBONES = ("alexnet", "tiny")  # "tiny": a small stand-in conv net for tests where the backbone does not matter
 H_METHODS = ("subject", "constant", "average")  # CL hidden size: int(0.8 V) of one subject, 5741, mean V
 POOLED_H_CONSTANT = 5741       # the original pooled models' constant hidden size (h_max_dim)
 CHECKPOINT_FORMAT = "roi_model_v2"  # v2: model_spec, subjects, a bias-free last head layer, per-subject projections
 
 
 # ---------------------------------------------------------------------------------------------
-# Backbone.
+# Backbone (backbones.py): built for a ROI model, its weights named canonically, its input normalisation.
 # ---------------------------------------------------------------------------------------------
 
-def set_dropout(model: nn.Module, p: float) -> nn.Module:
-    """Set the probability of every nn.Dropout in model (AlexNet's classifier has two, p=0.5 by default)."""
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = float(p)
-    return model
+def weights_name(backbone: str, weights) -> str:
+    """The canonical weights option: 'none', a file path as given, a torchvision tag resolved ('DEFAULT' -> e.g.
+    'IMAGENET1K_V1', so caches and searches of either spelling are one), or as given (timm, open_clip)."""
+    kind = backbones.weights_kind(weights)
+    if kind == "tag" and backbones.parse(backbone).source == "torchvision":
+        return backbones._torchvision_weights(backbones.parse(backbone).model, weights).name
+    return "none" if kind == "none" else str(weights)
 
 
-def build_alexnet(weights: str = "IMAGENET1K_V1") -> nn.Module:
-    """torchvision AlexNet: 'IMAGENET1K_V1' (torchvision download/cache), 'none' (random init), or a .pth path."""
-    import torchvision
-    from urllib.error import URLError
-    if weights is None or str(weights).lower() in ("none", ""):
-        return torchvision.models.alexnet(weights=None)
-    if str(weights) == "IMAGENET1K_V1":
+def backbone_name(recorded) -> str:
+    """The backbone of a model_spec's 'backbone' entry: a spec dict, a name, or None (checkpoints before backbones
+    were recorded: AlexNet)."""
+    return backbones.parse((recorded.get("name") if isinstance(recorded, dict) else recorded) or "alexnet").name
+
+
+def roi_backbone(backbone: str = "alexnet", weights="DEFAULT", dropout: float | None = 0.5) -> nn.Module:
+    """backbones.build, with `dropout` the p of the dropout layers that are on as built (AlexNet's classifier: two at
+    0.5; the p = 0 ones of ViTs stay off), and its input preprocessing kept as net.preprocessing."""
+    net = backbones.build(backbone, weights)
+    for module in net.modules():
+        if dropout is not None and isinstance(module, nn.Dropout) and module.p > 0:
+            module.p = float(dropout)
+    net.preprocessing = preprocessing_of(backbone, weights)
+    return net
+
+
+@functools.lru_cache(maxsize=None)
+def weightless_backbone(backbone: str) -> nn.Module:
+    """A backbone's network with its parameters on the meta device (no memory, no init time; the caller's random
+    state untouched): to trace its layers and their shapes."""
+    with torch.random.fork_rng(devices=[]):
         try:
-            return torchvision.models.alexnet(weights="IMAGENET1K_V1")
-        except (URLError, OSError, RuntimeError, EOFError) as err:
-            raise options.DataError(
-                f"AlexNet IMAGENET1K_V1 weights could not be fetched ({type(err).__name__}: {err}); "
-                f"torchvision caches them under {Path(torch.hub.get_dir()) / 'checkpoints'}: copy "
-                "alexnet-owt-7be5be79.pth there, or pass --weights=/path/to/alexnet.pth (a local state dict), "
-                "or --weights=none for a random init") from None
-    path = Path(weights)
-    if not path.is_file():
-        raise options.DataError(f"{path}: weights file not found; expected 'IMAGENET1K_V1', 'none' or a .pth "
-                              "AlexNet state dict")
-    model = torchvision.models.alexnet(weights=None)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(state, dict) and "state_dict" in state:
-            state = state["state_dict"]
-        model.load_state_dict(state)
-    except (RuntimeError, KeyError, TypeError, ValueError, EOFError, OSError) as err:
-        raise options.DataError(f"{path}: not an AlexNet state dict ({type(err).__name__}: "
-                              f"{str(err).splitlines()[0]})") from None
-    return model
+            with torch.device("meta"):
+                return backbones.build(backbone, "none").eval()
+        except (NotImplementedError, RuntimeError):  # a network that cannot be built there
+            return backbones.build(backbone, "none").eval()
 
 
-def build_tiny_backbone() -> nn.Module:
-    """A small conv net with AlexNet's 1000-way output and a dropout layer: a fast stand-in for tests."""
-    return nn.Sequential(nn.Conv2d(3, 8, 5, stride=4, padding=2), nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(4),
-                         nn.Flatten(), nn.Dropout(0.5), nn.Linear(8 * 4 * 4, 1000))
+def preprocessing_of(backbone: str, weights) -> backbones.Preprocessing:
+    """The preprocessing of a backbone's weights (a local file's: as a random init's, the architecture's default)."""
+    weights = "none" if str(weights).startswith("file:") else weights  # a spec's record of a local file
+    return backbones.preprocessing(backbone, weights)
 
 
-def build_backbone(backbone: str = "alexnet", weights: str = "IMAGENET1K_V1", dropout: float = 0.5) -> nn.Module:
-    """The image network of a ROI model: 'alexnet' (weights as build_alexnet) or 'tiny' (random init only)."""
-    if backbone == "alexnet":
-        net = build_alexnet(weights)
-    elif backbone == "tiny":
-        if weights is not None and str(weights).lower() not in ("none", ""):
-            raise options.DataError(f"backbone 'tiny' has no pretrained weights (got weights={weights!r}); "
-                                  "use --weights=none")
-        net = build_tiny_backbone()
-    else:
-        raise options.DataError(f"unknown backbone {backbone!r}; expected one of {', '.join(BACKBONES)}")
-    return set_dropout(net, dropout)
+def normalisation(net: nn.Module) -> tuple[tuple, tuple]:
+    """(mean, std) that images are normalised with for a backbone or ROI model (ImageNet's for a foreign network)."""
+    net = getattr(net, "module", net)
+    pre = getattr(net, "preprocessing", None) or getattr(getattr(net, "backbone", None), "preprocessing", None)
+    if pre is None and isinstance(getattr(net, "backbone_spec", None), dict):
+        pre = preprocessing_of(net.backbone_spec["name"], net.backbone_spec["weights"])
+    return (pre.mean, pre.std) if pre is not None else (backbones.IMAGENET_MEAN, backbones.IMAGENET_STD)
+
+
+def check_image_size(backbone: str, weights, image_size: int) -> None:
+    """A backbone that takes one input size only (ViTs, CLIP; the tiny-vit stand-in: 32 px) refuses another."""
+    pre = preprocessing_of(backbone, weights)
+    if pre.fixed_size and int(image_size) != pre.size:
+        raise options.DataError(f"--image_size={image_size}: {backbones.parse(backbone).name} takes only "
+                                f"{pre.size} px images (its input size is fixed); use --image_size={pre.size}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,7 +166,8 @@ def cl_dims(voxel_counts, h_method: str = "subject") -> tuple[int, int]:
 
 
 def model_spec(method: str, voxel_counts, backbone: str = "alexnet", h_method: str = "subject") -> dict:
-    """The plain description a model is rebuilt from (kept in checkpoints): method, voxels per subject, sizes."""
+    """The plain description a model is rebuilt from: method, voxels per subject, sizes, backbone (a name here; the
+    built model's spec holds backbones.spec, its name, weights and embedding size, and checkpoints keep that)."""
     check_method(method)
     counts = [int(v) for v in np.atleast_1d(voxel_counts)]
     if not counts or min(counts) < 1:
@@ -177,22 +179,23 @@ def model_spec(method: str, voxel_counts, backbone: str = "alexnet", h_method: s
 
 
 class CLModel(nn.Module):
-    """The CL model: backbone (1000 outputs) -> image projection; one fMRI projection per subject; a shared head.
+    """The CL model: backbone (its embedding: AlexNet's 1000 logits, others' pooled pre-logit features or CLIP's
+    image embedding) -> image projection; one fMRI projection per subject; a shared head.
 
     Head: Linear(h,h)-BN-ReLU-Linear(h,h)-BN-ReLU-Linear(h,z, no bias), as in the original. A per-subject
     model is the one-subject case (h = int(0.8 V)); a pooled model shares backbone, image projection and head.
     """
 
-    def __init__(self, n_voxels, hidden: int, embed_dim: int, weights: str = "IMAGENET1K_V1",
+    def __init__(self, n_voxels, hidden: int, embed_dim: int, weights: str = "DEFAULT",
                  dropout: float = 0.5, backbone: str = "alexnet"):
         super().__init__()
         self.n_voxels = [int(v) for v in n_voxels]
         self.hidden, self.embed_dim = int(hidden), int(embed_dim)
-        self.spec = {"method": "cl", "n_voxels": self.n_voxels, "backbone": backbone, "hidden": self.hidden,
-                     "embed_dim": self.embed_dim}  # what checkpoints rebuild the model from
-        self.backbone = build_backbone(backbone, weights, dropout)
+        self.backbone = roi_backbone(backbone, weights, dropout)
+        self.spec = {"method": "cl", "n_voxels": self.n_voxels, "backbone": backbones.spec(self.backbone),
+                     "hidden": self.hidden, "embed_dim": self.embed_dim}  # what checkpoints rebuild the model from
         h, z = self.hidden, self.embed_dim
-        self.image_proj = nn.Linear(1000, h, bias=False)
+        self.image_proj = nn.Linear(backbones.embed_dim(self.backbone), h, bias=False)
         self.fmri_proj = nn.ModuleList(nn.Linear(v, h, bias=False) for v in self.n_voxels)
         self.head = nn.Sequential(nn.Linear(h, h), DistBatchNorm1d(h), nn.ReLU(inplace=True),
                                   nn.Linear(h, h), DistBatchNorm1d(h), nn.ReLU(inplace=True),
@@ -211,28 +214,28 @@ class CLModel(nn.Module):
 
 
 class RegModel(nn.Module):
-    """Regression baseline: backbone (1000 outputs) -> one Linear(1000 -> V_s) read-out per subject, MSE."""
+    """Regression baseline: backbone (its embedding, as CLModel) -> a linear read-out to V_s voxels per subject, MSE."""
 
-    def __init__(self, n_voxels, weights: str = "IMAGENET1K_V1", dropout: float = 0.5, backbone: str = "alexnet"):
+    def __init__(self, n_voxels, weights: str = "DEFAULT", dropout: float = 0.5, backbone: str = "alexnet"):
         super().__init__()
         self.n_voxels = [int(v) for v in n_voxels]
-        self.spec = {"method": "reg", "n_voxels": self.n_voxels, "backbone": backbone}
-        self.backbone = build_backbone(backbone, weights, dropout)
-        self.readout = nn.ModuleList(nn.Linear(1000, v) for v in self.n_voxels)
+        self.backbone = roi_backbone(backbone, weights, dropout)
+        self.spec = {"method": "reg", "n_voxels": self.n_voxels, "backbone": backbones.spec(self.backbone)}
+        self.readout = nn.ModuleList(nn.Linear(backbones.embed_dim(self.backbone), v) for v in self.n_voxels)
 
     def forward(self, images: torch.Tensor, source: int = 0) -> torch.Tensor:
         return self.readout[source](self.backbone(images))
 
 
-def model_from_spec(spec: dict, weights: str = "IMAGENET1K_V1", dropout: float = 0.5) -> nn.Module:
+def model_from_spec(spec: dict, weights: str = "DEFAULT", dropout: float = 0.5) -> nn.Module:
     """The (untrained) model a model_spec describes; seed torch first for a reproducible init."""
-    backbone = spec.get("backbone", "alexnet")
+    backbone = backbone_name(spec.get("backbone"))
     if check_method(spec["method"]) == "cl":
         return CLModel(spec["n_voxels"], spec["hidden"], spec["embed_dim"], weights, dropout, backbone)
     return RegModel(spec["n_voxels"], weights, dropout, backbone)
 
 
-def build_model(method: str, n_voxels, weights: str = "IMAGENET1K_V1", dropout: float = 0.5,
+def build_model(method: str, n_voxels, weights: str = "DEFAULT", dropout: float = 0.5,
                 backbone: str = "alexnet", h_method: str = "subject") -> nn.Module:
     """CLModel for 'cl', RegModel for 'reg'; n_voxels: one count (per subject) or one per pooled subject."""
     return model_from_spec(model_spec(method, n_voxels, backbone, h_method), weights, dropout)
@@ -369,14 +372,15 @@ def save_checkpoint(path, model: nn.Module, optimizer=None, scheduler=None, epoc
 _STORED_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def load_checkpoint(path, map_location="cpu") -> dict:
-    """torch.load(weights_only=True) of a checkpoint written by save_checkpoint, or a DataError naming the file."""
+def load_checkpoint(path, map_location="cpu", mmap: bool = False) -> dict:
+    """torch.load(weights_only=True) of a checkpoint written by save_checkpoint, or a DataError naming the file.
+    mmap: tensors are mapped, not read (to look at the metadata)."""
     import pickle
     path = Path(path)
     if not path.is_file():
         raise options.DataError(f"{path}: checkpoint not found")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as err:  # truncated or foreign file
         if isinstance(err, pickle.UnpicklingError) and "global" in str(err).lower():
             # PyTorch's message advises weights_only=False: never for a file this repo reads
@@ -404,24 +408,47 @@ def checkpoint_source_index(ckpt: dict, subject: int) -> int:
     raise options.DataError(f"subject {subject} is not one of this pooled model's subjects {subjects}")
 
 
-def load_roi_model(path, device="cpu") -> nn.Module:
+def load_roi_model(path, device="cpu", backbone: str | None = None) -> nn.Module:
     """The whole tuned CL or reg model of a checkpoint, per-subject or pooled (eval mode)."""
-    return roi_model_from_checkpoint(load_checkpoint(path), device)
+    return roi_model_from_checkpoint(load_checkpoint(path), device, backbone, path)
 
 
-def roi_model_from_checkpoint(ckpt: dict, device="cpu") -> nn.Module:
-    """The whole tuned model of a loaded checkpoint (float32 weights, eval mode)."""
+def roi_model_from_checkpoint(ckpt: dict, device="cpu", backbone: str | None = None, path="checkpoint") -> nn.Module:
+    """The whole tuned model of a loaded checkpoint (float32 weights, eval mode); backbone: refuse another one."""
+    recorded = ckpt["model_spec"].get("backbone")
+    if backbone is not None:
+        backbones.check_same_backbone(path, recorded, backbone)
     model = model_from_spec(ckpt["model_spec"], weights="none")
     model.load_state_dict(ckpt["model"])
+    _restore_record(model.backbone, recorded)
+    model.spec["backbone"] = backbones.spec(model.backbone)
     return model.to(device).eval()
 
 
-def load_tuned_backbone(path, device="cpu") -> nn.Module:
-    """The fine-tuned backbone of a CL or reg checkpoint, per-subject or pooled (eval mode), for features."""
+def load_tuned_backbone(path, device="cpu", backbone: str | None = None) -> nn.Module:
+    """The fine-tuned backbone of a CL or reg checkpoint, per-subject or pooled (eval mode), for features;
+    backbone: refuse a checkpoint of another one (one line)."""
     ckpt = load_checkpoint(path)
+    recorded = ckpt["model_spec"].get("backbone")
+    if backbone is not None:
+        backbones.check_same_backbone(path, recorded, backbone)
     state = {k[len("backbone."):]: v for k, v in ckpt["model"].items() if k.startswith("backbone.")}
     if not state:
         raise options.DataError(f"{path}: checkpoint holds no backbone weights")
-    backbone = build_backbone(ckpt["model_spec"].get("backbone", "alexnet"), "none")
-    backbone.load_state_dict(state)
-    return backbone.to(device).eval()
+    net = roi_backbone(backbone_name(recorded), "none", dropout=None)
+    net.load_state_dict(state)
+    _restore_record(net, recorded)
+    return net.to(device).eval()
+
+
+def _restore_record(net: nn.Module, recorded) -> None:
+    """A backbone rebuilt from a checkpoint (weights none) takes back the record of the weights it was tuned from,
+    and their preprocessing."""
+    if isinstance(recorded, dict):
+        net.backbone_spec = {**net.backbone_spec, "weights": recorded.get("weights", "none")}
+    net.preprocessing = preprocessing_of(net.backbone_spec["name"], net.backbone_spec["weights"])
+
+
+def checkpoint_backbone(path) -> str:
+    """The backbone name a checkpoint was trained with, read without loading its weights (memory-mapped)."""
+    return backbone_name(load_checkpoint(path, mmap=True)["model_spec"].get("backbone"))

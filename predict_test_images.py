@@ -20,11 +20,13 @@ subjects = []                               # [] = every subject in data_dir
 hemispheres = ["lh", "rh"]                  # a submission needs both
 features = "best"                           # best (untuned + every tuned set) | untuned | cl | reg | pooled-cl |
                                             # pooled-reg (untuned layers + that tuned set only)
-tuned_sets = ["cl", "reg", "pooled-cl", "pooled-reg"]  # tuned sets considered by features=best
+tuned_sets = ["cl", "reg", "pooled-cl", "pooled-reg"]  # tuned sets considered by features=best; also
+                                            # external:<name> (every layer of it a candidate for every vertex)
 seeds = []                                  # tuned models' seeds (each a candidate); [] = every seed trained
-backbone = "alexnet"                        # the network (as in the earlier stages)
-layers = []                                 # untuned candidates (+ the searched layers); [] = AlexNet's 8
-weights = "IMAGENET1K_V1"                   # untuned network weights (as in get_best_alex_layer.py)
+backbone = "alexnet"                        # the network (as in the earlier stages: alexnet, resnet50, timm:<name>)
+layers = []                                 # untuned candidates (+ the searched layers); [] = the backbone's default
+weights = "DEFAULT"                         # untuned network weights (as in get_best_alex_layer.py)
+features_dir = ""                           # external sets: features_dir/subjXX/<name>/{train,challenge}_<layer>.npy
 checkpoint = "best"                         # best | last checkpoint of each tuned model
 tuned_layer = "best"                        # as generate_results.py: best | untuned | a layer name
 pooled_h_method = "constant"                # which pooled CL models (as generate_results.py)
@@ -152,6 +154,10 @@ for subject in subject_list:
         # 1) every candidate's val r per vertex (NaN where the candidate does not apply)
         candidates = [("untuned", None, layer, settings.untuned_spec(), np.arange(n_vertices)) for layer in layers]
         for feature_set in candidate_sets:
+            if sets.is_external(feature_set):  # like the untuned layers: each of its layers, every vertex
+                candidates += [(feature_set, None, layer, feature_set, np.arange(n_vertices))
+                               for layer in study.layers_of(feature_set, subject)]
+                continue
             for roi, idx in d.roi_voxel_indices[hemi].items():
                 for _, run_dir in study.run_dirs(feature_set, subject, hemi, roi) if len(idx) else []:
                     layer = study.layer_of(feature_set, subject, hemi, roi, run_dir)

@@ -1,5 +1,6 @@
-"""Classification linear probes: a dataset decoded once through AlexNet's eval transform, LogisticRegression on
-the features of each backbone (as the original: classifier.5, Resize 256 + CenterCrop 224, seeded 85/15 split)."""
+"""Classification linear probes: a dataset decoded once through a backbone's eval transform, LogisticRegression on
+the features of each backbone (as the original for AlexNet: classifier.5, Resize 256 + CenterCrop 224, seeded 85/15
+split; other backbones: their embedding node at their own input size)."""
 from __future__ import annotations
 
 import hashlib
@@ -53,22 +54,39 @@ def chosen_items(labels: np.ndarray, max_per_class: int, seed: int) -> np.ndarra
                                    for c in np.unique(labels)]))
 
 
+def probe_layer(backbone: str) -> str:
+    """The layer a probe reads by default: AlexNet's classifier.5 (fc7, the original's), else the embedding node."""
+    import backbones
+    name = backbones.parse(backbone).name
+    return "classifier.5" if name == "alexnet" else backbones.default_layers(name)[-1]
+
+
+def probe_input(backbone: str, weights) -> dict:
+    """probe_image_cache's resize, crop and interpolation for a backbone: its weights' input size (crop) and filter,
+    resized by 256/224 first as ImageNet evaluation does (AlexNet: Resize 256 bilinear + CenterCrop 224)."""
+    import models
+    pre = models.preprocessing_of(backbone, weights)
+    return {"resize": round(pre.size * 256 / 224), "crop": pre.size, "interpolation": pre.interpolation}
+
+
 def probe_image_cache(dataset: str, root, out_dir, max_per_class: int = 0, seed: int = 0, resize: int = 256,
-                      crop: int = 224):
-    """(uint8 N x 3 x crop x crop memmap, labels, class names): the chosen items through AlexNet's eval transform
-    (Resize(resize) bilinear + CenterCrop(crop); normalisation happens on the device), decoded once and cached."""
+                      crop: int = 224, interpolation: str = "bilinear"):
+    """(uint8 N x 3 x crop x crop memmap, labels, class names): the chosen items through an eval transform
+    (Resize(resize) + CenterCrop(crop); normalisation happens on the device), decoded once and cached."""
     import torchvision.transforms.v2 as T
     ds = open_dataset(dataset, root)
     labels = dataset_labels(ds)
     items = chosen_items(labels, max_per_class, seed)
     key = {"dataset": dataset, "root": str(Path(root).resolve()), "n_items": len(ds), "resize": resize,
            "crop": crop, "items": hashlib.sha1(items.tobytes()).hexdigest()}
+    if interpolation != "bilinear":  # (keys of bilinear caches as before)
+        key["interpolation"] = interpolation
     digest = hashlib.sha1(json.dumps(key).encode()).hexdigest()[:10]
     path = Path(out_dir) / "image_cache" / f"probe_{dataset}_{digest}.npy"
     classes = list(getattr(ds, "classes", [str(c) for c in np.unique(labels)]))
     if path.is_file():
         return np.load(path, mmap_mode="r"), labels[items], classes
-    transform = T.Compose([T.Resize(resize, interpolation=T.InterpolationMode.BILINEAR, antialias=True),
+    transform = T.Compose([T.Resize(resize, interpolation=T.InterpolationMode(interpolation), antialias=True),
                            T.CenterCrop(crop), T.PILToTensor()])
     with outputs.atomic_path(path, ".tmp.npy") as tmp:
         cache = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(items), 3, crop, crop))

@@ -53,7 +53,7 @@ for k, (hemi, roi, seed) in enumerate(jobs):
                                                           too_small.items()) + f" (< {config['min_voxels']})"})
         continue
     run_dir = paths.model_dir(config["out_dir"], "reg", hemi, roi, subject=None if pooled else subject_list[0],
-                              seed=seed, backbone=config["backbone"], exclude_subject=exclude_subject or None)
+                              seed=seed, backbone=settings.backbone, exclude_subject=exclude_subject or None)
     summary = training.train_roi_model("reg", sources, run_dir, replace(settings, seed=seed), config, runtime,
                                        desc=f"[{k + 1}/{len(jobs)}] {'pooled ' if pooled else ''}reg {hemi} {roi} "
                                             f"seed {seed}")
@@ -62,7 +62,7 @@ for k, (hemi, roi, seed) in enumerate(jobs):
 # summary
 if runtime.is_main:
     table_path = paths.sweep_summary_file(config["out_dir"], "reg", subject=None if pooled else subject_list[0],
-                                          backbone=config["backbone"], exclude_subject=exclude_subject or None, shard=shard_index)
+                                          backbone=settings.backbone, exclude_subject=exclude_subject or None, shard=shard_index)
     outputs.save_csv(table_path, rows, config)
     print(outputs.format_table(rows, float_format="{:.4g}"))
     print(f"summary saved to {table_path}")

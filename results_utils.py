@@ -73,11 +73,13 @@ def seed_diff_columns(a: str, b: str, seeds_a: list, seeds_b: list) -> dict:
 
 
 def parse_comparisons(comparisons, feature_sets) -> list[tuple[str, str]]:
-    """'a:b' strings -> (a, b) pairs of known feature sets (a compared against the baseline b)."""
+    """'a:b' strings -> (a, b) pairs of known feature sets (a compared against the baseline b; a set may hold a
+    colon itself: 'external:clip:untuned')."""
     pairs = []
-    for text in comparisons:
-        a, sep, b = str(text).partition(":")
-        if not sep or a not in feature_sets or b not in feature_sets:
+    for text in map(str, comparisons):
+        cuts = [(text[:i], text[i + 1:]) for i, c in enumerate(text) if c == ":"]
+        a, b = next(((a, b) for a, b in cuts if a in feature_sets and b in feature_sets), ("", ""))
+        if not a:
             raise options.OptionsError(f"comparison {text!r}: expected 'set:baseline' with sets among "
                                      + ", ".join(feature_sets))
         pairs.append((a, b))

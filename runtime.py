@@ -86,22 +86,24 @@ def setup_runtime(device: str = "auto", num_threads: int = 0) -> Runtime:
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-_NORM_CACHE: dict = {}  # device -> (scale, shift) of the ImageNet normalisation
+_NORM_CACHE: dict = {}  # (device, mean, std) -> (scale, shift) of the normalisation
 
 
-def prepare_images(batch_uint8, device, channels_last: bool = False, flip=None) -> torch.Tensor:
-    """uint8 N x 3 x S x S (numpy or tensor) -> ImageNet-normalised float32 on device (converted there).
+def prepare_images(batch_uint8, device, channels_last: bool = False, flip=None, mean=IMAGENET_MEAN,
+                   std=IMAGENET_STD) -> torch.Tensor:
+    """uint8 N x 3 x S x S (numpy or tensor) -> float32 on device (converted there), normalised with a backbone's
+    mean and std (models.normalisation; ImageNet's by default).
 
     flip: optional bool per image (tensor or array) for horizontal flips, applied on the device.
     """
     device = torch.device(device)
     x = torch.as_tensor(batch_uint8)
     x = x.to(device, non_blocking=True)
-    key = str(device)
+    key = (str(device), tuple(float(m) for m in mean), tuple(float(s) for s in std))
     if key not in _NORM_CACHE:  # (x / 255 - mean) / std = x * scale - shift
-        mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
-        _NORM_CACHE[key] = (1.0 / (255.0 * std), mean / std)
+        mean_t = torch.tensor(key[1], device=device).view(1, 3, 1, 1)
+        std_t = torch.tensor(key[2], device=device).view(1, 3, 1, 1)
+        _NORM_CACHE[key] = (1.0 / (255.0 * std_t), mean_t / std_t)
     scale, shift = _NORM_CACHE[key]
     if channels_last:  # reorder the 1-byte pixels; the float ops below keep the memory format
         x = x.contiguous(memory_format=torch.channels_last)

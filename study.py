@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+import backbones
 import encoding
 import feature_sets
 import features
@@ -36,10 +37,10 @@ class StudySettings:
     data_dir: str
     out_dir: str
     hemispheres: tuple = utils.HEMISPHERES
-    backbone: str = "alexnet"
-    weights: str = "IMAGENET1K_V1"
+    backbone: str = "alexnet"                  # a backbones.parse name (kept canonical)
+    weights: str = "DEFAULT"                   # kept canonical (models.weights_name: DEFAULT resolved for torchvision)
     image_size: int = 224
-    layers: tuple = models.ALEXNET_LAYERS     # searched for every set ([] in a script: the backbone's default)
+    layers: tuple = ()                         # searched for every backbone set; () = the backbone's default layers
     pca_components: int = 1000
     alphas: tuple = encoding.ALPHAS            # the ridge alpha grid ([] in a script: encoding.ALPHAS)
     alpha_mode: str = "per-voxel"
@@ -65,7 +66,7 @@ class StudySettings:
         values.update(overrides)
         values["hemispheres"] = tuple(utils.check_hemisphere(h) for h in values.get("hemispheres") or
                                       utils.HEMISPHERES)
-        values["layers"] = tuple(str(layer) for layer in values.get("layers") or models.ALEXNET_LAYERS)  # tiny: 2,5
+        values["layers"] = tuple(str(layer) for layer in values.get("layers") or ())
         values["alphas"] = tuple(float(a) for a in (values.get("alphas") or encoding.ALPHAS))
         values["seeds"] = tuple(int(s) for s in values.get("seeds") or ())
         for name in ("noise_ceiling_dir", "features_dir"):
@@ -74,7 +75,15 @@ class StudySettings:
         settings.check()
         return settings
 
+    def __post_init__(self):
+        backbone = backbones.parse(self.backbone).name
+        object.__setattr__(self, "backbone", backbone)
+        object.__setattr__(self, "weights", models.weights_name(backbone, self.weights))
+        object.__setattr__(self, "layers", tuple(self.layers) or backbones.default_layers(backbone))
+
     def check(self) -> None:
+        models.check_image_size(self.backbone, self.weights, self.image_size)
+        backbones.check_layers(models.weightless_backbone(self.backbone), self.layers)
         for name, value, allowed in (("alpha_mode", self.alpha_mode, ALPHA_MODES),
                                      ("feature_scaling", self.feature_scaling, FEATURE_SCALINGS),
                                      ("layer_statistic", self.layer_statistic, search.STATISTICS),
@@ -90,8 +99,8 @@ class StudySettings:
                                        + ", ".join(self.layers))
 
     def untuned_spec(self) -> str:
-        """'untuned:<weights>' (AlexNet) or 'untuned:<backbone>:<weights>' (another backbone, e.g. tiny)."""
-        return f"untuned:{self.weights}" if self.backbone == "alexnet" else f"untuned:{self.backbone}:{self.weights}"
+        """'untuned:<backbone>:<weights>': the untuned network's features (features.load_backbone)."""
+        return features.untuned_spec(self.backbone, self.weights)
 
 
 @dataclass
@@ -144,6 +153,7 @@ class EncodingStudy:
         self._fits: OrderedDict = OrderedDict()
         self._fit_cache = fit_cache
         self.checkpoints_used: set = set()
+        self._checked: set = set()  # checkpoints whose backbone was checked
 
     def provenance(self) -> dict:
         """What results so far came from: the split files and the model checkpoints (for sidecars)."""
@@ -175,7 +185,14 @@ class EncodingStudy:
         (cached on disk; 'challenge': the challenge test images, when given)."""
         sets = features.subject_image_sets(self.subject(subject), challenge_images=challenge_images)
         return features.layer_features(self.s.out_dir, subject, spec, layers, sets, self.s.image_size,
-                                       self.s.pca_components, self.s.seed, self.device, self.s.batch_size)
+                                       self.s.pca_components, self.s.seed, self.device, self.s.batch_size,
+                                       self.s.features_dir)
+
+    def layers_of(self, feature_set: str, subject: int) -> list[str]:
+        """The layers searched for a set: settings.layers for the backbone's sets; an external set's own files."""
+        if feature_sets.is_external(feature_set):
+            return features.external_layers(self.s.features_dir, subject, feature_set)
+        return list(self.s.layers)
 
     # ---- the models behind a tuned feature set ----
 
@@ -197,19 +214,27 @@ class EncodingStudy:
         return found
 
     def checkpoint(self, run_dir) -> Path:
-        return paths.checkpoint_file(run_dir, self.s.checkpoint)
+        """A tuned model's checkpoint, refused (one line) when trained with another backbone than settings'."""
+        path = paths.checkpoint_file(run_dir, self.s.checkpoint)
+        if path not in self._checked and path.is_file():
+            backbones.check_same_backbone(path, models.checkpoint_backbone(path), self.s.backbone)
+            self._checked.add(path)
+        return path
 
     # ---- layer searches ----
 
     def search_key(self, feature_set: str, subject: int, run_dir=None) -> dict:
         """Every option that changes a search's result, and the identity of what was searched."""
-        key = {"format": search.SEARCH_FORMAT, "feature_set": feature_set, "layers": list(self.s.layers),
+        key = {"format": search.SEARCH_FORMAT, "feature_set": feature_set,
+               "layers": self.layers_of(feature_set, subject),
                "pca_components": self.s.pca_components, "alphas": list(self.s.alphas),
                "feature_scaling": self.s.feature_scaling, "selection": search.SELECTION,
                "statistic": self.s.layer_statistic, "seed": self.s.seed, "image_size": self.s.image_size,
                "split": search.split_identity(self.subject(subject).split)}
         if feature_sets.is_external(feature_set):
-            key["features_dir"] = str(Path(self.s.features_dir).resolve()) if self.s.features_dir else None
+            folder = features.external_dir(self.s.features_dir, subject, feature_set)
+            key["features_dir"] = str(Path(self.s.features_dir).resolve())
+            key["files"] = [search.file_identity(folder / f"train_{layer}.npy") for layer in key["layers"]]
         else:
             key["backbone"] = self.s.backbone
         if run_dir is not None:
@@ -246,7 +271,12 @@ class EncodingStudy:
             str(self.checkpoint(run_dir)) if run_dir is not None else self.s.untuned_spec()
         if run_dir is not None:
             self.checkpoints_used.add(spec)
-        layer_features = self.features(subject, spec, self.s.layers)
+        layers = self.layers_of(feature_set, subject)
+        layer_features = self.features(subject, spec, layers)
+        widths = features.raw_widths(spec, layers, self.s.image_size, self.s.features_dir, subject)
+        reduction = {layer: {"features": widths[layer], "kept": int(layer_features[layer]["train"].shape[1]),
+                             "reduction": "PCA fitted on train" if widths[layer] > self.s.pca_components else "none"}
+                     for layer in layers}  # PCA keeps min(pca_components, train images - 1) components
         seconds_per_hemi = {}
         for hemi in hemispheres:
             t_hemi = time.perf_counter()
@@ -255,13 +285,13 @@ class EncodingStudy:
                                              self.s.seed, self.device, self.s.layer_statistic,
                                              self.s.feature_scaling,
                                              desc=f"{feature_set} {paths.subject_dir_name(subject)} {hemi} search")
-            result = search.search_result(scores, list(self.s.layers), rois, self.s.layer_statistic)
+            result = search.search_result(scores, layers, rois, self.s.layer_statistic)
             seconds_per_hemi[hemi] = time.perf_counter() - t_hemi
             search.write_search(self.search_file(feature_set, subject, hemi, run_dir), result,
                                 self.search_key(feature_set, subject, run_dir),
                                 time.perf_counter() - start if hemi == hemispheres[0] else seconds_per_hemi[hemi],
                                 script_options or {}, subject=subject, hemisphere=hemi, feature_set=feature_set,
-                                model=str(run_dir) if run_dir is not None else None)
+                                model=str(run_dir) if run_dir is not None else None, reduction=reduction)
         if run_dir is not None and not self.s.keep_search_features:
             chosen = {entry["layer"] for h in hemispheres for entry in
                       search.read_search(self.search_file(feature_set, subject, h, run_dir),
@@ -359,14 +389,15 @@ class EncodingStudy:
         for _, run_dir in runs:
             ckpt = self.checkpoint(run_dir)
             meta = models.load_checkpoint(ckpt)
-            model = models.roi_model_from_checkpoint(meta, self.device)
+            model = models.roi_model_from_checkpoint(meta, self.device, self.s.backbone, ckpt)
+            mean, std = models.normalisation(model)
             source = models.checkpoint_source_index(meta, subject)
             batch_size = int(meta.get("settings", {}).get("batch_size", self.s.batch_size))
             del meta
             embeddings = []
             with torch.no_grad(), models.batch_statistics(model):
                 for b in np.array_split(np.arange(len(rows)), max(1, -(-len(rows) // batch_size))):
-                    x = runtime.prepare_images(d.images[rows[b]], self.device)
+                    x = runtime.prepare_images(d.images[rows[b]], self.device, False, None, mean, std)
                     f, g = model(x, torch.from_numpy(fmri[b]).to(self.device), source)
                     embeddings.append((f.float().cpu().numpy(), g.float().cpu().numpy()))
             del model

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import backbones
 import encoding
 import models
 import options
@@ -46,9 +47,9 @@ class TrainSettings:
     lr_schedule: str                  # "plateau": ReduceLROnPlateau on val loss; "none": constant lr
     lr_patience: int                  # plateau: epochs without improvement
     lr_factor: float
-    backbone: str                     # "alexnet"; "tiny" is a small stand-in for tests
-    weights: str
-    dropout: float                    # backbone dropout (AlexNet's classifier)
+    backbone: str                     # backbones.parse name (canonical); "tiny", "tiny-vit": stand-ins for tests
+    weights: str                      # canonical (models.weights_name): DEFAULT is resolved for torchvision
+    dropout: float                    # p of the backbone's dropout layers that are on (AlexNet's classifier)
     amp: bool                         # bfloat16 autocast on GPU
     cpu_bf16: bool                    # bfloat16 autocast on CPUs with bf16 instructions
     channels_last: bool
@@ -70,8 +71,10 @@ class TrainSettings:
 
     @classmethod
     def from_options(cls, script_options: dict, pooled: bool = False) -> "TrainSettings":
-        return cls(**{f.name: script_options[f.name] for f in fields(cls) if f.name in script_options},
-                   pooled=pooled)
+        values = {f.name: script_options[f.name] for f in fields(cls) if f.name in script_options}
+        values["backbone"] = models.backbone_name(values["backbone"])
+        values["weights"] = models.weights_name(values["backbone"], values["weights"])
+        return cls(**values, pooled=pooled)
 
     @property
     def h_method(self) -> str:
@@ -196,6 +199,7 @@ def train_one_epoch(method: str, train_model: nn.Module, optimizer, loader, fmri
         if settings.hflip else None
     torch.manual_seed(_epoch_torch_seed(settings.seed, epoch, runtime.rank))
     train_model.train()
+    mean, std = models.normalisation(train_model)
     loss_sum = torch.zeros((), device=device)
     n_images, data_s = 0, 0.0
     batches = zip(plan, training_data.read_batches(loader), strict=True)
@@ -204,7 +208,7 @@ def train_one_epoch(method: str, train_model: nn.Module, optimizer, loader, fmri
                                              leave=False, disable=not runtime.is_main):
         rows = batch["rows"].to(device, non_blocking=True)
         flip = None if flips is None else flips[source][batch["rows"].numpy()]
-        x = prepare_images(batch["images"], device, settings.channels_last, flip)
+        x = prepare_images(batch["images"], device, settings.channels_last, flip, mean, std)
         y = fmri[source][rows]
         data_s += time.perf_counter() - t_wait  # waiting for the batch, and moving it to the device
         with autocast_context(device, settings.amp, settings.cpu_bf16):
@@ -238,10 +242,11 @@ def evaluate(method: str, model: nn.Module, loader, fmri: list, settings: TrainS
     sampler = loader.batch_sampler
     outs = [[] for _ in fmri]
     losses = [[] for _ in fmri]
+    mean, std = models.normalisation(model)
     with models.batch_statistics(model), autocast_context(device, settings.amp, settings.cpu_bf16):
         for (source, global_rows), batch in zip(sampler.global_batches(), training_data.read_batches(loader),
                                                 strict=True):
-            x = prepare_images(batch["images"], device, settings.channels_last)
+            x = prepare_images(batch["images"], device, settings.channels_last, None, mean, std)
             y = fmri[source][batch["rows"].to(device, non_blocking=True)]
             if method == "cl":
                 f, g = model(x, y, source)
@@ -315,6 +320,7 @@ def train_roi_model(method: str, sources, run_dir, settings: TrainSettings, scri
     sources = list(sources)
     _check_trainable(run_dir, method, sources, settings, world)
     image_size = int(sources[0].images.shape[-1])
+    models.check_image_size(settings.backbone, settings.weights, image_size)
 
     done = read_done(run_dir) if settings.resume else None
     if done is not None and done.get("epochs", 0) >= settings.epochs:
@@ -427,6 +433,7 @@ def _summary(method, sources, status, history, best) -> dict:
 
 def _check_resumable(path, ckpt, method, settings, sources, image_size):
     saved = ckpt.get("settings", {})
+    backbones.check_same_backbone(path, ckpt["model_spec"].get("backbone"), settings.backbone)
     if ckpt.get("method") != method:
         raise options.DataError(f"{path}: a {ckpt.get('method')} checkpoint, cannot resume it as {method}")
     if ckpt.get("subjects") != [s.subject for s in sources]:

@@ -18,6 +18,7 @@ import pytest
 import torch
 import torchvision
 
+import backbones
 import features
 import models
 import options
@@ -170,7 +171,7 @@ def test_batch_statistics_evaluates_like_training_and_changes_nothing():
             model(torch.randn(8, 3, 32, 32), torch.randn(8, 30), 1)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     x, y = torch.randn(6, 3, 32, 32), torch.randn(6, 20)
-    reference = models.set_dropout(copy.deepcopy(model), 0.0).train()  # train mode, no dropout
+    reference = backbones.set_dropout(copy.deepcopy(model), 0.0).train()  # train mode, no dropout
     with torch.no_grad():
         expected = reference(x, y, 0)
         with models.batch_statistics(model):
@@ -185,18 +186,19 @@ def test_batch_statistics_evaluates_like_training_and_changes_nothing():
     assert model.training and all(m.training for m in model.modules())
 
 
-def test_build_alexnet_weight_sources(tmp_path, monkeypatch):
+def test_alexnet_weights_from_a_file_and_a_failed_download(tmp_path, monkeypatch):
     torch.manual_seed(0)
-    net = models.build_alexnet("none")
+    net = backbones.build("alexnet", "none")
     path = tmp_path / "alexnet.pth"
     torch.save(net.state_dict(), path)
-    loaded = models.build_alexnet(str(path))
+    loaded = models.roi_backbone("alexnet", str(path))
     assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), loaded.state_dict().values()))
+    assert backbones.spec(loaded)["weights"] == "file:alexnet.pth"
     with pytest.raises(options.DataError, match="not found"):
-        models.build_alexnet(str(tmp_path / "missing.pth"))
+        models.roi_backbone("alexnet", str(tmp_path / "missing.pth"))
     torch.save({"foo": torch.zeros(2)}, tmp_path / "bad.pth")
-    with pytest.raises(options.DataError, match="not an AlexNet state dict"):
-        models.build_alexnet(str(tmp_path / "bad.pth"))
+    with pytest.raises(options.DataError, match="not a alexnet state dict"):
+        models.roi_backbone("alexnet", str(tmp_path / "bad.pth"))
 
     import torchvision.models._api as api
 
@@ -204,9 +206,14 @@ def test_build_alexnet_weight_sources(tmp_path, monkeypatch):
         raise URLError("no network")
     monkeypatch.setattr(api, "load_state_dict_from_url", offline)
     with pytest.raises(options.DataError) as err:
-        models.build_alexnet("IMAGENET1K_V1")
+        models.roi_backbone("alexnet", "DEFAULT")
     message = str(err.value)
     assert "--weights=none" in message and ".pth" in message and str(torch.hub.get_dir()) in message
+    # DEFAULT and its torchvision name are one (caches and layer searches of either spelling are shared)
+    assert models.weights_name("alexnet", "DEFAULT") == "IMAGENET1K_V1" == models.weights_name("alexnet",
+                                                                                                 "IMAGENET1K_V1")
+    assert models.weights_name("resnet50", "DEFAULT") == "IMAGENET1K_V2"
+    assert models.weights_name("tiny", "None") == "none" and models.weights_name("tiny", str(path)) == str(path)
 
 
 def test_prepare_images_normalises_and_flips():
@@ -225,7 +232,7 @@ def test_prepare_images_normalises_and_flips():
 
 def test_extract_features_matches_direct_forward():
     torch.manual_seed(0)
-    net = models.build_alexnet("none").eval()
+    net = backbones.build("alexnet", "none").eval()
     images = np.random.default_rng(0).integers(0, 256, (7, 3, 64, 64), dtype=np.uint8)
     indices = np.array([5, 1, 3, 6])
     feats = features.extract_features(net, images, indices, ("features.2", "features.12", "classifier.6"),
@@ -239,7 +246,7 @@ def test_extract_features_matches_direct_forward():
     for layer, value in direct.items():
         assert feats[layer].dtype == np.float32 and feats[layer].shape == tuple(value.shape)
         assert np.allclose(feats[layer], value.numpy(), atol=1e-4, rtol=1e-4), layer
-    dims = features.feature_dims(net, models.ALEXNET_LAYERS, 64)
+    dims = features.feature_dims(net, backbones.ALEXNET_LAYERS, 64)
     assert dims["features.2"] == feats["features.2"].shape[1] and dims["classifier.6"] == 1000
     out = {"classifier.6": np.zeros((4, 1000), dtype=np.float32)}
     features.extract_features(net, images, indices, ("classifier.6",), batch_size=2, out=out)
@@ -264,8 +271,9 @@ def test_checkpoint_round_trip_per_subject_and_pooled(tmp_path):
     raw = torch.load(path, weights_only=True)  # plain types and tensors only
     assert raw["epoch"] == 1 and raw["options"]["out_dir"] == "x" and raw["metrics"][0]["val_loss"] == 0.5
     assert [i.tolist() for i in raw["roi_voxel_indices"]] == [[4, 5, 9]] and raw["done"] is False
-    assert raw["subjects"] == [3] and raw["model_spec"] == {"method": "cl", "n_voxels": [30], "backbone": "tiny",
-                                                             "hidden": 24, "embed_dim": 6}
+    assert raw["subjects"] == [3] and raw["model_spec"] == {
+        "method": "cl", "n_voxels": [30], "hidden": 24, "embed_dim": 6,
+        "backbone": {"name": "tiny", "source": "stand-in", "weights": "none", "embed_dim": 1000}}
     ckpt = models.load_checkpoint(path)
     for key, value in model.state_dict().items():
         assert torch.equal(ckpt["model"][key], value)

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+import backbones
 import models
 import options
 import paths
@@ -166,7 +167,7 @@ def test_validation_is_the_training_objective_and_leaves_the_model_unchanged(tin
     assert all(torch.equal(before[k], after[k]) for k in before) and model.training
 
     # independently: a train-mode copy without dropout on the sorted val rows cut into ceil(n / 4) near-equal batches
-    reference = models.set_dropout(copy.deepcopy(model), 0.0).train()
+    reference = backbones.set_dropout(copy.deepcopy(model), 0.0).train()
     mean = np.array(runtime.IMAGENET_MEAN).reshape(1, 3, 1, 1)
     std = np.array(runtime.IMAGENET_STD).reshape(1, 3, 1, 1)
     eval_copy = copy.deepcopy(model).eval()

@@ -68,7 +68,7 @@ def test_a_sweep_takes_its_training_scripts_options():
     chosen = options.apply_options(sweep, ["--epochs=3", "--lr=0.5", "--rois=V1v"],
                                    defaults_from="reg_model_training.py")
     assert chosen["epochs"] == 3 and chosen["lr"] == 0.5 and chosen["rois"] == ["V1v"] and chosen["resume"] is True
-    assert "roi" not in chosen and "hemisphere" not in chosen and chosen["weights"] == "IMAGENET1K_V1"
+    assert "roi" not in chosen and "hemisphere" not in chosen and chosen["weights"] == "DEFAULT"
     assert options.script_defaults(REPO / "reg_model_training_all_rois.py")["epochs"] == 75
 
 
