@@ -105,9 +105,15 @@ if "classification-task" in result_types and not classification_root:
     raise options.OptionsError("--result_type includes classification-task: give --classification_root (the "
                                f"{classification_dataset} folder)")
 pairs = results_utils.parse_comparisons(comparisons, set_names)
-map_pairs = results_utils.parse_comparisons(map_comparisons, set_names)
-if not set(map_sets) <= set(set_names):
-    raise options.OptionsError(f"--map_sets={map_sets}: expected sets among {', '.join(set_names)}")
+map_pairs = []  # maps of sets or pairs not among --feature_sets are skipped with a note (the defaults name cl and reg)
+for text in map_comparisons:
+    try:
+        map_pairs += results_utils.parse_comparisons([text], set_names)
+    except options.OptionsError:
+        print(f"note: --map_comparisons {text}: a set is not among --feature_sets; that map is skipped")
+map_set_names = [s for s in sets.check(map_sets) if s in set_names]
+for name in sorted(set(sets.check(map_sets)) - set(map_set_names)):
+    print(f"note: --map_sets {name}: not among --feature_sets; its maps are skipped")
 subject_list = utils.resolve_subjects(data_dir, subjects)
 settings = encoding_study.StudySettings.from_options(config)
 study = encoding_study.EncodingStudy(settings)
@@ -178,11 +184,11 @@ if "single-subj" in result_types:
                 group_voxel_r.append({roi: r.astype(np.float16) for roi, r in res.voxel_r.items()})
                 for feature_set, alphas in res.alphas.items():
                     group_alphas.setdefault(feature_set, []).extend(alphas)
-            fs_masks = fsaverage_masks(d) if map_sets else None
+            fs_masks = fsaverage_masks(d) if map_set_names or map_pairs else None
             if fs_masks is not None:
                 surfaces = surfaces or cortical_maps.load_surfaces(fsaverage_dir or None)
                 masks = {h: results_maps.roi_masks(d.roi_voxel_indices[h], d.n_vertices[h]) for h in arrays}
-                for name, fig in results_maps.subject_maps(arrays, fs_masks, masks, map_sets, map_pairs, surfaces,
+                for name, fig in results_maps.subject_maps(arrays, fs_masks, masks, map_set_names, map_pairs, surfaces,
                                                            d.noise_ceiling):
                     outputs.save_figure(folder / "maps" / name, fig, config)
             del arrays

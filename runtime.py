@@ -62,6 +62,7 @@ class Runtime:
 
     def close(self):
         if self.world_size > 1 and dist.is_initialized():
+            dist.barrier()  # no rank tears gloo down while another still talks to it (an abort at exit otherwise)
             dist.destroy_process_group()
 
 

@@ -86,6 +86,7 @@ def main(out_json):
                                       find_unused_parameters=len(voxels) > 1)
         result = step(method, source, symmetric, dtype, ddp, images[rows], fmri[source][rows])
         report[f"{name}-{str(dtype)[6:]}"] = compare(result, reference[case])
+        del ddp  # its reducer holds the process group: release it before the group is destroyed
     if runtime.is_main:
         Path(out_json).write_text(json.dumps(report, indent=1))
     runtime.close()
