@@ -145,7 +145,11 @@ def layer_features(out_dir, subject: int, spec: str, layers, image_sets: dict, i
     if todo:
         _extract_and_reduce(spec, todo, image_sets, cache_dir, file_of, pca_file, pca_components, seed, device,
                             batch_size, f"{paths.subject_dir_name(subject)} {Path(spec).parent.name or spec}")
-    return {layer: {name: np.load(file_of(layer, name)) for name in image_sets} for layer in layers}
+    return {layer: {name: _load_cached(file_of(layer, name)) for name in image_sets} for layer in layers}
+
+
+def _load_cached(path) -> np.ndarray:
+    return np.load(path)
 
 
 def _extract_and_reduce(spec, todo: dict, image_sets, cache_dir, file_of, pca_file, pca_components, seed, device,
@@ -168,17 +172,19 @@ def _extract_and_reduce(spec, todo: dict, image_sets, cache_dir, file_of, pca_fi
                              desc=f"{desc} {name} features", out=raw[name])
         for layer, names in todo.items():
             width = raw[names[0]][layer].shape[1]
-            fitted = None
+            fitted, train_scores = None, None
             if width > pca_components:
-                if "train" in names:
-                    fitted = pca.fit(np.asarray(raw["train"][layer]), pca_components, seed, device)
-                    outputs.save_npz(pca_file(layer), pca.arrays(fitted), {"pca_components": pca_components,
-                                                                                 "seed": seed}, backbone=spec)
+                if "train" in names:  # fitted on an in-memory copy (centred in place), its train scores with it
+                    fitted, train_scores = pca.fit_transform(np.array(raw["train"][layer]), pca_components, seed,
+                                                             device, overwrite_x=True)
+                    _save_pca(pca_file(layer), fitted, {"pca_components": pca_components, "seed": seed}, spec)
                 else:
                     fitted = pca.from_arrays(np.load(pca_file(layer)))
             for name in names:
                 feats = raw[name][layer]
-                if fitted is not None:  # the fitted PCA's own transform, in row chunks
+                if name == "train" and train_scores is not None:
+                    feats, train_scores = train_scores, None
+                elif fitted is not None:  # the fitted PCA's own transform, in row chunks
                     feats = np.concatenate([fitted.transform(feats[i:i + 4096]) for i in range(0, len(feats), 4096)]
                                            or [np.empty((0, fitted.n_components_), dtype=np.float32)])
                 outputs.save_npy(file_of(layer, name), np.ascontiguousarray(feats, dtype=np.float32))
@@ -188,6 +194,12 @@ def _extract_and_reduce(spec, todo: dict, image_sets, cache_dir, file_of, pca_fi
         for name in raw:
             for layer in list(raw[name]):
                 Path(raw[name].pop(layer).filename).unlink(missing_ok=True)
+
+
+def _save_pca(path, fitted, options: dict, spec: str) -> None:
+    """A fitted PCA's arrays, uncompressed (zlib gains little on float32 components and took 30 s at full size)."""
+    outputs.atomic_write(path, lambda f: np.savez(f, **pca.arrays(fitted)), suffix=".tmp.npz")
+    outputs.write_sidecar(path, options, backbone=spec)
 
 
 def subject_image_sets(subject_data: utils.Subject, splits=utils.SPLIT_NAMES, challenge_images=None) -> dict:
