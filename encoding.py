@@ -298,13 +298,18 @@ def fit_ridge(X_train, Y_train, X_val=None, Y_val=None, alphas=ALPHAS, *, voxel_
         Xv_t = torch.as_tensor(np.asarray(Xv, dtype=np.float64), device=dev)
         if not torch.isfinite(Xv_t).all():
             raise ValueError("X_val: non-finite feature values (NaN or inf)")
-        # the whole val split, then each fold: (rows, A_val, stacked blocks of R diag(d_a), n)
+        # the whole val split, or each fold (the whole split's scores then follow from the folds' sums):
+        # (rows, A_val, stacked blocks of R diag(d_a))
         groups = [np.arange(Xv.shape[0])]
         if val_folds is not None:
             val_folds = np.asarray(val_folds).ravel()
             if val_folds.shape != (Xv.shape[0],) or val_folds.min(initial=0) < 0:
                 raise ValueError(f"val_folds of shape {val_folds.shape}: expected one fold number >= 0 per val row")
-            groups += [np.flatnonzero(val_folds == f) for f in range(int(val_folds.max(initial=-1)) + 1)]
+            groups = [np.flatnonzero(val_folds == f) for f in range(int(val_folds.max(initial=-1)) + 1)]
+            if score == "r":  # each fold's predictions are centred on the fold's mean; its offset from the whole
+                # split's mean prediction is (mean_fold(x) - mean_val(x)) V diag(d_a) Z: (folds * alphas) x k here
+                means = torch.stack([Xv_t[torch.as_tensor(rows, device=dev)].mean(0) for rows in groups])
+                fold_offsets = loop((((means - Xv_t.mean(0)) @ V)[:, None, :] * D[None]).reshape(-1, len(s2)).to(tw))
         val_parts = []
         for rows in groups:
             Xg = Xv_t[torch.as_tensor(rows, device=dev)]
@@ -326,7 +331,7 @@ def fit_ridge(X_train, Y_train, X_val=None, Y_val=None, alphas=ALPHAS, *, voxel_
     intercept = np.empty(v, dtype=np.float32) if compute_coef else None
     y_mean = np.empty(v, dtype=np.float64)
     val_scores = np.empty((grid.size, v), dtype=np.float32) if (has_val and voxel_alphas is None) else None
-    fold_scores = (np.empty((len(val_parts) - 1, grid.size, v), dtype=np.float32)
+    fold_scores = (np.empty((len(val_parts), grid.size, v), dtype=np.float32)
                    if val_scores is not None and val_folds is not None else None)
     gcv_scores = np.empty((grid.size, v), dtype=np.float32) if gcv else None
 
@@ -349,24 +354,34 @@ def fit_ridge(X_train, Y_train, X_val=None, Y_val=None, alphas=ALPHAS, *, voxel_
             scores = -scores                         # higher is better below
         if val_scores is not None:
             Yv_chunk = np.array(Yv_all[:, cols], dtype=np.float64)
-            for g, (rows, A_val, val_blocks) in enumerate(val_parts if fold_scores is not None else val_parts[:1]):
+            sums = []  # per group: (rows, mean y, |y_c|^2, cross terms, |predictions|^2)
+            for g, (rows, A_val, val_blocks) in enumerate(val_parts):
                 Yv = Yv_chunk[rows]
+                y_bar = Yv.mean(0)
                 val_constant = Yv.max(0) == Yv.min(0)     # r undefined (centring leaves rounding noise, not 0)
-                Yv -= Yv.mean(0) if score == "r" else ym
+                Yv -= y_bar if score == "r" else ym
                 yy_val = np.einsum("ij,ij->j", Yv, Yv)
                 # cross terms of all alphas at once: sum_i P_a[i,j] Yv[i,j] = sum_k d_a[k] Z[k,j] C[k,j]
                 cross = host(Dt.T @ (Z * (A_val.T @ on_device(Yv)))).astype(np.float64)  # alphas x vc
                 pp = host(_val_sq_norms(val_blocks, Z, grid.size)).astype(np.float64)  # |val predictions|^2
-                with np.errstate(invalid="ignore", divide="ignore"):
-                    if score == "r":
-                        scores = cross / np.sqrt(pp * yy_val)
-                        scores[:, val_constant] = np.nan
-                    else:
-                        scores = np.clip(yy_val - 2 * cross + pp, 0, None) / len(rows)
-                if g == 0:
+                scores = _val_scores(cross, pp, yy_val, val_constant, len(rows), score)
+                if fold_scores is None:
                     val_scores[:, cols] = scores
-                else:
-                    fold_scores[g - 1][:, cols] = scores
+                    continue
+                fold_scores[g][:, cols] = scores
+                sums.append((len(rows), y_bar, yy_val, cross, pp))
+            if fold_scores is not None:  # the whole val split from the folds' sums
+                n_val = sum(s[0] for s in sums)
+                cross, pp, yy_val = (sum(s[k] for s in sums) for k in (3, 4, 2))
+                if score == "r":  # + the folds' offsets from the whole split's means (predictions and y)
+                    offsets = host(fold_offsets @ Z).astype(np.float64).reshape(len(sums), grid.size, -1)
+                    y_bar = sum(s[0] * s[1] for s in sums) / n_val
+                    for (n_f, y_f, *_), offset in zip(sums, offsets):
+                        cross = cross + n_f * offset * (y_f - y_bar)
+                        pp = pp + n_f * offset ** 2
+                        yy_val = yy_val + n_f * (y_f - y_bar) ** 2
+                val_scores[:, cols] = _val_scores(cross, pp, yy_val, Yv_chunk.max(0) == Yv_chunk.min(0), n_val,
+                                                  score)
             scores = val_scores[:, cols] if score == "r" else -val_scores[:, cols]
         if select:
             ranked = np.nan_to_num(scores, nan=-np.inf)
@@ -380,6 +395,16 @@ def fit_ridge(X_train, Y_train, X_val=None, Y_val=None, alphas=ALPHAS, *, voxel_
     return RidgeFit(coef_=coef, intercept_=intercept, x_mean_=x_mean, y_mean_=y_mean,
                     alphas_=grid[chosen], alpha_grid_=grid, val_scores_=val_scores, score=score,
                     gcv_scores_=gcv_scores, selection=selection if select else "val", val_fold_scores_=fold_scores)
+
+
+def _val_scores(cross, pp, yy_val, constant, n_rows: int, score: str) -> np.ndarray:
+    """alphas x voxels val scores from the sums: r (NaN for a constant voxel) or the mean squared error."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        if score == "r":
+            scores = cross / np.sqrt(pp * yy_val)
+            scores[:, constant] = np.nan
+            return scores
+        return np.clip(yy_val - 2 * cross + pp, 0, None) / n_rows
 
 
 def _column_moments(Y, squares: bool, block_rows: int = 256):

@@ -234,7 +234,11 @@ def layer_features(out_dir, subject: int, spec: str, layers, image_sets: dict, i
     elif todo:
         _extract_and_reduce(spec, todo, image_sets, cache_dir, file_of, pca_file, pca_components, seed, device,
                             batch_size, f"{paths.subject_dir_name(subject)} {Path(spec).parent.name or spec}")
-    return {layer: {name: np.load(file_of(layer, name)) for name in image_sets} for layer in layers}
+    return {layer: {name: _load_cached(file_of(layer, name)) for name in image_sets} for layer in layers}
+
+
+def _load_cached(path) -> np.ndarray:
+    return np.load(path)
 
 
 def _extract_and_reduce(spec, todo: dict, image_sets, cache_dir, file_of, pca_file, pca_components, seed, device,
@@ -256,23 +260,10 @@ def _extract_and_reduce(spec, todo: dict, image_sets, cache_dir, file_of, pca_fi
             extract_features(backbone, images, rows, layers, batch_size=batch_size, device=device,
                              desc=f"{desc} {name} features", out=raw[name])
         for layer, names in todo.items():
-            width = raw[names[0]][layer].shape[1]
-            fitted = None
-            if width > pca_components:
-                if "train" in names:
-                    fitted = pca.fit(np.asarray(raw["train"][layer]), pca_components, seed, device)
-                    outputs.save_npz(pca_file(layer), pca.arrays(fitted), {"pca_components": pca_components,
-                                                                                 "seed": seed}, backbone=spec)
-                else:
-                    fitted = pca.from_arrays(np.load(pca_file(layer)))
-            for name in names:
-                feats = raw[name][layer]
-                if fitted is not None:  # the fitted PCA's own transform, in row chunks
-                    feats = np.concatenate([fitted.transform(feats[i:i + 4096]) for i in range(0, len(feats), 4096)]
-                                           or [np.empty((0, fitted.n_components_), dtype=np.float32)])
-                outputs.save_npy(file_of(layer, name), np.ascontiguousarray(feats, dtype=np.float32))
-                path = Path(raw[name].pop(layer).filename)  # free the disk as soon as a layer is done
-                path.unlink(missing_ok=True)
+            def drop_raw(name, layer=layer):  # free the disk as soon as a layer's set is done
+                Path(raw[name].pop(layer).filename).unlink(missing_ok=True)
+            _reduce_and_save(layer, names, lambda name, layer=layer: raw[name][layer], raw[names[0]][layer].shape[1],
+                             file_of, pca_file, pca_components, seed, device, spec, done=drop_raw)
     finally:
         for name in raw:
             for layer in list(raw[name]):
@@ -295,20 +286,41 @@ def _read_and_reduce(spec, todo: dict, image_sets, cache_dir, file_of, pca_file,
             array = files["challenge" if name == "challenge" else "train"]
             return np.asarray(array[np.asarray(image_sets[name][1], dtype=np.int64)], dtype=np.float32)
 
-        fitted = None
-        if next(iter(files.values())).shape[1] > pca_components:
-            if "train" in names:
-                fitted = pca.fit(rows_of("train"), pca_components, seed, device)
-                outputs.save_npz(pca_file(layer), pca.arrays(fitted), {"pca_components": pca_components,
-                                                                     "seed": seed}, backbone=spec)
-            else:
-                fitted = pca.from_arrays(np.load(pca_file(layer)))
-        for name in names:
+        _reduce_and_save(layer, names, rows_of, next(iter(files.values())).shape[1], file_of, pca_file,
+                         pca_components, seed, device, spec)
+
+
+def _reduce_and_save(layer, names, rows_of, width: int, file_of, pca_file, pca_components, seed, device, spec,
+                     done=None):
+    """One layer's features of each set in names (rows_of(name)) to the cache, reduced when wider than
+    pca_components by the PCA of the train rows (fitted now, with its train scores, and saved; or the saved one)."""
+    fitted, train_scores = None, None
+    if width > pca_components:
+        if "train" in names:  # fitted on an in-memory copy (centred in place), its train scores with it
+            train = rows_of("train")
+            train = np.array(train, dtype=np.float32) if isinstance(train, np.memmap) else train
+            fitted, train_scores = pca.fit_transform(train, pca_components, seed, device, overwrite_x=True)
+            del train
+            _save_pca(pca_file(layer), fitted, {"pca_components": pca_components, "seed": seed}, spec)
+        else:
+            fitted = pca.from_arrays(np.load(pca_file(layer)))
+    for name in names:
+        if name == "train" and train_scores is not None:
+            feats, train_scores = train_scores, None
+        else:
             feats = rows_of(name)
-            if fitted is not None:
+            if fitted is not None:  # the fitted PCA's own transform, in row chunks
                 feats = np.concatenate([fitted.transform(feats[i:i + 4096]) for i in range(0, len(feats), 4096)]
                                        or [np.empty((0, fitted.n_components_), dtype=np.float32)])
-            outputs.save_npy(file_of(layer, name), np.ascontiguousarray(feats, dtype=np.float32))
+        outputs.save_npy(file_of(layer, name), np.ascontiguousarray(feats, dtype=np.float32))
+        if done is not None:
+            done(name)
+
+
+def _save_pca(path, fitted, options: dict, spec: str) -> None:
+    """A fitted PCA's arrays, uncompressed (zlib gains little on float32 components and took 30 s at full size)."""
+    outputs.atomic_write(path, lambda f: np.savez(f, **pca.arrays(fitted)), suffix=".tmp.npz")
+    outputs.write_sidecar(path, options, backbone=spec)
 
 
 def subject_image_sets(subject_data: utils.Subject, splits=utils.SPLIT_NAMES, challenge_images=None) -> dict:

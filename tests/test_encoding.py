@@ -325,6 +325,26 @@ def test_gram_pca_of_few_images_equals_sklearns_exact_pca():
     np.testing.assert_allclose(ours.transform(X[30:])[:, :8], reference.transform(X[30:])[:, :8], atol=1e-8 * scale)
 
 
+@pytest.mark.parametrize("n, p", [(600, 1500), (900, 600)])  # wide: images' Gram; tall: features' Gram
+def test_randomized_gram_pca_matches_sklearns_exact_pca(n, p):
+    """Components a small fraction of the Gram matrix: randomized subspace iterations on it, against LAPACK's SVD;
+    the train scores that come with the fit equal the fitted PCA's own transform of the train rows."""
+    rng = np.random.default_rng(8)
+    X = ((rng.normal(size=(n + 50, 60)) * np.logspace(0, -1.5, 60)) @ rng.normal(size=(60, p))
+         + 0.02 * rng.normal(size=(n + 50, p))).astype(np.float32)
+    k = 40
+    assert k < pca.EXACT_FRACTION * min(n, p) and min(n, p) > pca.EXACT_BELOW    # the randomized path
+    ours, scores = pca.fit_transform(X[:n].copy(), k, seed=0, overwrite_x=True)
+    reference = PCA(n_components=k, svd_solver="full").fit(X[:n].astype(np.float64))
+    # a spectrum decaying 30-fold over the 40 components: float32 Gram, 4 subspace iterations -> ~1e-4
+    np.testing.assert_allclose(ours.explained_variance_, reference.explained_variance_, rtol=1e-3)
+    projected = reference.transform(X[n:].astype(np.float64))
+    leading = 20  # well separated from the 41st: components to ~1e-3 of the scores' scale
+    np.testing.assert_allclose(ours.transform(X[n:])[:, :leading], projected[:, :leading],
+                               atol=2e-3 * np.abs(projected).max())
+    np.testing.assert_allclose(scores, ours.transform(X[:n]), atol=1e-4 * np.abs(scores).max())
+
+
 def test_val_fold_scores_equal_a_fit_scored_on_each_fold_alone(data):
     folds = np.random.default_rng(3).permutation(np.arange(len(data["X_val"])) % 2)
     fit = encoding.fit_ridge(data["X_train"], data["Y_train"], data["X_val"], data["Y_val"], compute_coef=False,
@@ -335,5 +355,7 @@ def test_val_fold_scores_equal_a_fit_scored_on_each_fold_alone(data):
                                    data["Y_val"][folds == f], compute_coef=False)
         # float32 matmuls over ~100 rows: r agrees to ~1e-6
         np.testing.assert_allclose(fit.val_fold_scores_[f], alone.val_scores_, atol=1e-5)
+    # with folds, the whole split's scores come from the folds' sums (float32 products): r to ~1e-7
     np.testing.assert_allclose(fit.val_scores_, encoding.fit_ridge(data["X_train"], data["Y_train"], data["X_val"],
-                                                                   data["Y_val"], compute_coef=False).val_scores_)
+                                                                   data["Y_val"], compute_coef=False).val_scores_,
+                               atol=2e-6)
