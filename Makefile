@@ -1,9 +1,10 @@
 # `make demo`: set up .venv, generate the synthetic demo dataset, run every pipeline stage on it.
-# `make test`: set up .venv and run the test suite.
+# `make test`: set up .venv (with the optional backbones' packages) and run the test suite.
 PYTHON_SYS ?= python3
 VENV       := .venv
 PY         := $(VENV)/bin/python
 STAMP      := $(VENV)/.installed-requirements
+EXTRAS_STAMP := $(VENV)/.installed-extras
 DEMO_DATA  ?= demo_data
 DEMO_OUT   ?= demo_out
 RESULTS    ?= Results
@@ -28,7 +29,12 @@ $(STAMP): requirements.txt
 	$(PY) -m pip install -q -r requirements.txt
 	touch $(STAMP)
 
-test: setup
+# the tests also cover the optional timm and open_clip backbones (random init, offline)
+$(EXTRAS_STAMP): $(STAMP) requirements-extras.txt
+	$(PY) -m pip install -q -r requirements-extras.txt
+	touch $(EXTRAS_STAMP)
+
+test: setup $(EXTRAS_STAMP)
 	$(PY) -m pytest -q --durations=10 tests
 
 demo-data: setup

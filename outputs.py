@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+import options
+
 META_DIR = "meta"   # each folder's sidecars, out of the way of its tables and figures
 
 
@@ -73,16 +75,42 @@ os.umask(_UMASK)
 def atomic_path(path, suffix: str = ".tmp"):
     """Yield a temp path beside path; when the block succeeds it is renamed over path, else deleted."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
-    os.close(fd)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+        os.close(fd)
         yield Path(tmp)
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; outputs get the usual permissions
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as err:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if _is_write_failure(err):
+            raise options.DataError(f"{path}: could not be written ({_write_cause(err, path)}); nothing was "
+                                    "left half-written") from None
         raise
+
+
+def _is_write_failure(err: BaseException) -> bool:
+    """An OS error of the write, or torch.save's RuntimeError for one (a full disk reads 'unexpected pos')."""
+    text = str(err)
+    return isinstance(err, OSError) or (isinstance(err, RuntimeError) and (
+        "inline_container" in text or "file write failed" in text or "PytorchStreamWriter" in text))
+
+
+def _write_cause(err: BaseException, path: Path) -> str:
+    """The cause in a few words, with the free space of the disk (a full disk is the usual cause)."""
+    import errno
+    import shutil
+    folder = next((p for p in [path.parent, *path.parent.parents] if p.exists()), Path.cwd())
+    free = f"{shutil.disk_usage(folder).free / 1e9:.2f} GB free on its disk"
+    if isinstance(err, OSError) and err.errno == errno.EACCES:
+        return f"permission denied; {free}"
+    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+        return f"disk full; {free}"
+    first = (str(err).splitlines() or [type(err).__name__])[0].strip()
+    return f"{type(err).__name__}: {first[:160]}; {free}: a full disk is the usual cause"
 
 
 def atomic_write(path, write_fn, *, mode: str = "wb", suffix: str | None = None) -> Path:

@@ -277,6 +277,27 @@ def test_atomic_write_leaves_old_file_on_failure_and_writes_sidecar(tmp_path):
     assert [p.name for p in (tmp_path / "meta").iterdir()] == ["table.npy.json"]
 
 
+@pytest.mark.parametrize("error, cause", [
+    (OSError(28, "No space left on device"), "disk full"),
+    (PermissionError(13, "Permission denied"), "permission denied"),
+    (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0"), "a full disk is the usual")])
+def test_failed_write_is_one_line_naming_the_file_and_cause(tmp_path, error, cause):
+    """A full disk or a refused write (an OSError, or torch.save's RuntimeError) -> one DataError line naming the
+    file and the cause; the temp file is gone and an existing output is untouched."""
+    target = tmp_path / "best.pt"
+    target.write_bytes(b"old")
+
+    def fail(fh):
+        fh.write(b"partial")
+        raise error
+
+    with pytest.raises(options.DataError) as info:
+        outputs.atomic_write(target, fail)
+    message = str(info.value)
+    assert message.startswith(f"{target}: could not be written") and cause in message and "\n" not in message
+    assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["best.pt"]
+
+
 def test_sectioned_config_sets_each_scripts_options(tmp_path):
     """configs/original_2023.json style: 'all' keys where a script has them, a script's own section, typos refused."""
     cl_defaults = options.script_defaults(REPO / "cl_model_training.py")
