@@ -200,14 +200,13 @@ def accuracy_figure(entries: dict, sets, rois, title: str, ylabel: str, note: st
         ax.grid(axis="y", lw=0.3)
         ax.set_title(family, fontsize=9)
         ax.set_xlabel("ROI", fontsize=9)
-        if ax.get_subplotspec().colspan.start == 0:
-            ax.set_ylabel(ylabel)
-        else:
+        if ax.get_subplotspec().colspan.start != 0:
             ax.tick_params(labelleft=False)
     from matplotlib.lines import Line2D
     handles = [Line2D([], [], marker="o", ls="-", color=fsets.colour(s), label=fsets.label(s)) for s in sets]
     if handles:
         fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=8)
+    fig.supylabel(ylabel.replace("\n", " "), fontsize=10)  # once for all rows: a label per row overlaps the next
     fig.suptitle(wrap_title(f"{title} ({note})", fig.get_figwidth()), fontsize=10)
     return finish(fig)
 

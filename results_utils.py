@@ -197,13 +197,23 @@ def markdown_report(rows: list[dict], feature_sets, comparisons) -> str:
                                                              "median_challenge_score") for s in shown]
     text = ("### Accuracy per feature set (test split; 95% bootstrap CI of the median over test images)\n\n"
             + _table_with_cis(rows, accuracy, [f"median_r_{s}" for s in shown]))
+    seeded = [s for s in shown if any(_float(r.get(f"n_seeds_{s}", 0)) > 1 for r in rows)]
+    if seeded:
+        columns = ["roi"] + [c for s in seeded for c in (f"n_seeds_{s}", f"median_r_{s}_seed_mean",
+                                                         f"median_r_{s}_seed_sd")]
+        text += ("\n### Training seeds: median r of each seed's model, mean and SD over seeds (the tables above and "
+                 "below use the seed-averaged predictions)\n\n"
+                 + _table_with_cis([r for r in rows if any(_float(r.get(f"n_seeds_{s}", 0)) > 1 for s in seeded)],
+                                   columns))
     for a, b in comparisons:
         pair = f"{a}_vs_{b}"
         columns = ["roi", f"pct_improved_{pair}"] + [c for stat in STATISTICS for c in (
-            f"{stat}_diff_{pair}", f"perm_p_{stat}_{pair}", f"perm_p_{stat}_{pair}_fdr")]
+            f"{stat}_diff_{pair}", f"{stat}_diff_{pair}_seed_sd", f"perm_p_{stat}_{pair}",
+            f"perm_p_{stat}_{pair}_fdr") if c in present]
         if columns[1] in present:
             text += (f"\n### {a} vs {b}: % voxels improved; difference of the ROI's mean and median r with 95% "
-                     "bootstrap CI and permutation p over test images (and BH-FDR across ROIs)\n\n"
+                     "bootstrap CI and permutation p over test images (and BH-FDR across ROIs); seed_sd: SD of the "
+                     "difference over training seeds\n\n"
                      + _table_with_cis([r for r in rows if columns[1] in r], columns))
     retrieval = ["roi", "n_test_images"] + sorted(c for c in present if c.startswith(("top1_", "top5_", "control_",
                                                                                         "chance_"))

@@ -101,6 +101,7 @@ def check_figure(fig, path) -> Image.Image:
     sizes = [t.get_fontsize() for t in fig.findobj(Text) if t.get_visible() and t.get_text()]
     assert min(sizes) >= 7, f"{path.name}: text at {min(sizes)} pt"
     supx = fig._supxlabel.get_text() if fig._supxlabel else ""
+    supy = fig._supylabel.get_text() if fig._supylabel else ""
     for ax in (a for a in fig.axes if a.get_visible()):
         if hasattr(ax, "_colorbar"):
             assert ax.get_ylabel() or ax.get_xlabel(), f"{path.name}: colour bar without a label"
@@ -110,7 +111,7 @@ def check_figure(fig, path) -> Image.Image:
         if any(t.get_text() for t in ax.get_xticklabels()):
             assert ax.get_xlabel() or supx, f"{path.name}: {ax.get_title()!r} has no x label"
         if any(t.get_text() for t in ax.get_yticklabels()) or ax.yaxis.get_visible():
-            assert ax.get_ylabel() or shared_y, f"{path.name}: {ax.get_title()!r} has no y label"
+            assert ax.get_ylabel() or shared_y or supy, f"{path.name}: {ax.get_title()!r} has no y label"
     return image
 
 

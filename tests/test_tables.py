@@ -152,6 +152,19 @@ def test_markdown_report_writes_cis_as_intervals():
     assert "ci95_" not in text
 
 
+def test_markdown_report_shows_the_spread_over_training_seeds():
+    rows = two_roi_rows()
+    ffa = rows[0]
+    per_seed = np.array([0.31, 0.35])  # each seed's model's median r; the difference to untuned per seed
+    ffa.update({"n_seeds_cl": 2, "median_r_cl_seed_mean": per_seed.mean(), "median_r_cl_seed_sd": per_seed.std(ddof=1),
+                "median_diff_cl_vs_untuned_seed_sd": (per_seed - 0.25).std(ddof=1)})
+    text = results_utils.markdown_report(rows, ["untuned", "cl"], [("cl", "untuned")])
+    seeds = text.split("### Training seeds")[1].split("###")[0]
+    assert "| FFA-1 | 2 | 0.330 | 0.028 |" in seeds and "V1v" not in seeds   # SD of 0.31, 0.35 = 0.0283
+    assert "median_diff_cl_vs_untuned_seed_sd" in text and "| 0.028 |" in text.split("### cl vs untuned")[1]
+    assert "Training seeds" not in results_utils.markdown_report(two_roi_rows(), ["untuned", "cl"], [("cl", "untuned")])
+
+
 def test_vertex_arrays_keep_every_family_and_take_the_first_family_per_vertex():
     """Two overlapping ROIs of different families (V1v: prf-visualrois, ventral: streams) and FFA-1 with a CL model
     only: each vertex takes its first family's fit for every set; NaN where nothing was fitted."""
