@@ -332,8 +332,10 @@ def subject_image_sets(subject_data: utils.Subject, splits=utils.SPLIT_NAMES, ch
 
 
 def drop_cached_layers(out_dir, subject: int, spec: str, keep) -> None:
-    """Delete a backbone's cached features except the kept layers (a tuned search needs only its chosen one)."""
+    """Delete a backbone's cached features and PCAs except the kept layers' (a tuned search needs only its chosen
+    one; the other PCAs, up to 260 MB each for AlexNet at full size, would hold ~0.8 GB per tuned model)."""
     cache_dir = paths.feature_cache_dir(out_dir, subject, backbone_spec_tag(spec))
-    for path in cache_dir.glob("*.npy*") if cache_dir.is_dir() else ():  # (layer names may hold '_')
-        if not any(path.name.startswith(f"{layer}_") for layer in keep) and not path.name.endswith(".tmp.npy"):
-            path.unlink(missing_ok=True)
+    for path in [*cache_dir.glob("*.npy"), *cache_dir.glob("*.npz")] if cache_dir.is_dir() else ():
+        if not any(path.name.startswith(f"{layer}_") for layer in keep) and not path.name.startswith("."):
+            path.unlink(missing_ok=True)  # (layer names may hold '_': matched by prefix)
+            outputs.sidecar_path(path).unlink(missing_ok=True)

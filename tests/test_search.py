@@ -63,3 +63,21 @@ def test_a_planted_in_sample_advantage_cannot_move_the_choice():
                                  for a in ALPHAS]) for name, f in (("honest", honest), ("tuned", tuned))}
     assert (holdout_r["tuned"].argmax(0) == 0).mean() > 0.9               # the smallest alpha, nearly everywhere
     assert np.median(holdout_r["tuned"].max(0)) > np.median(holdout_r["honest"].max(0)) + 0.3
+
+
+def test_a_tuned_search_keeps_only_its_chosen_layers_features_and_pca(tmp_path):
+    """Dropping the unchosen layers removes their feature files, PCAs and sidecars; the chosen layer (a name that
+    prefixes no other: features.1 vs features.12) and temporary files are left."""
+    import features
+    import outputs
+    import paths
+    spec = "untuned:alexnet:none"
+    cache = paths.feature_cache_dir(tmp_path, 1, features.backbone_spec_tag(spec))
+    names = ["features.1_64px_pca10-a_train.npy", "features.1_64px_pca10-a_pca.npz",
+             "features.12_64px_pca10-a_train.npy", "features.12_64px_pca10-a_pca.npz", ".features.12_raw.tmp.npy"]
+    for name in names:
+        outputs.save_npy(cache / name, np.zeros(2), {"seed": 0}) if name.endswith(".npy") and not name.startswith(".") else \
+            (cache / name).write_bytes(b"x")
+    features.drop_cached_layers(tmp_path, 1, spec, keep={"features.1"})
+    assert sorted(p.name for p in cache.iterdir() if p.is_file()) == sorted(names[:2] + names[4:])
+    assert [p.name for p in (cache / "meta").iterdir()] == ["features.1_64px_pca10-a_train.npy.json"]
