@@ -394,3 +394,22 @@ def test_ddp_gloo_loss_and_gradients_equal_single_process(tmp_path):
     # a pooled step of subject 2 leaves subject 1's projection (CL) / read-out weight and bias (reg) without gradient
     assert cases["cl-pooled-float64"]["n_without_gradient"] == 1
     assert cases["reg-pooled-float64"]["n_without_gradient"] == 2
+
+
+def test_building_a_network_frees_the_last_one_read_through_a_feature_extractor():
+    """A network read through a torch.fx feature extractor sits in reference cycles; building the next network
+    collects it, so a process that builds one network after another does not hold them all (searches, results)."""
+    import gc
+    import weakref
+
+    import features
+    gc.disable()  # as between the collector's rare automatic runs
+    try:
+        net = models.roi_backbone("tiny", "none")
+        features.extract_features(net, np.zeros((2, 3, 32, 32), dtype=np.uint8), None, ["5"], device="cpu")
+        dead = weakref.ref(net)
+        del net
+        models.roi_backbone("tiny", "none")
+        assert dead() is None
+    finally:
+        gc.enable()
