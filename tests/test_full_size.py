@@ -91,12 +91,15 @@ def test_breadth_copies_every_figure_and_reports_stages(tmp_path, monkeypatch):
     from PIL import Image
     results, searches = tmp_path / "Results", tmp_path / "searches"
     for folder, name, size in ((results / "subj01", "bars.png", (3200, 900)), (results, "retrieval.png", (800, 600)),
-                               (searches / "alexnet" / "untuned" / "subj01", "lh.png", (1600, 500))):
+                               (searches / "alexnet" / "untuned" / "subj01", "lh.png", (1600, 500)),
+                               (results / "subj02" / "maps", "accuracy_cl.png", (900, 400))):
         folder.mkdir(parents=True, exist_ok=True)
         Image.new("RGB", size).save(folder / name)
     figures = full_size._copy_figures([results, searches], tmp_path / "samples")
-    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == sorted(f["figure"] for f in figures) == [
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == sorted(
+        f["figure"] for f in figures if f["copied"]) == [
         "Results_retrieval.png", "Results_subj01_bars.png", "searches_alexnet_untuned_subj01_lh.png"]
+    assert [f["figure"] for f in figures if not f["copied"]] == ["Results_subj02_maps_accuracy_cl.png"]
     assert {f["figure"]: f["width_px"] for f in figures}["Results_subj01_bars.png"] == 3200
     monkeypatch.setattr(full_size, "breadth_subjects", [1, 2])
     rows = [{"stage": "data", "processes": 1, "seconds": 10.0, "cpu_s": 8.0, "peak_rss_gb": 0.5},
@@ -104,5 +107,6 @@ def test_breadth_copies_every_figure_and_reports_stages(tmp_path, monkeypatch):
     report = full_size._breadth_report(rows, figures, 6.25)
     assert "| cl sweeps, per subject | 2 | 100 | 150 | 2.3 |" in report
     assert "| **total** | 3 | 110 | 158 | 2.3 |" in report
-    assert "3 figures; widest: Results_subj01_bars.png 3200 x 900 px" in report and "1 wider than 3,000 px" in report
+    assert "4 figures; widest: Results_subj01_bars.png 3200 x 900 px" in report and "1 wider than 3,000 px" in report
+    assert "3 copied here" in report
     assert "Disk used by the run (data, caches, models, results): 6.2 GB." in report
