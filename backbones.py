@@ -324,9 +324,9 @@ def check_same_backbone(path, recorded, expected: str) -> None:
         raise options.DataError(f"{path}: trained with backbone {found}, not {parse(expected).name}")
 
 
-# ---- Layers: feature_extraction node names, the default ~8 per network, and the extractor. ----
+# ---- Layers: feature_extraction node names and the default ~8 per network (the extractor: features.py). ----
 
-def _tracer_kwargs(net: nn.Module) -> dict:
+def tracer_kwargs(net: nn.Module) -> dict:
     """timm marks modules and functions that fx must not trace into (its own extractor does the same); open_clip
     towers may hold timm models."""
     if any(type(m).__module__.startswith("timm.") for m in net.modules()):
@@ -340,7 +340,7 @@ def _trace(net: nn.Module) -> tuple[list, str, list, int]:
     """(eval-mode node names in execution order, the name of the node the forward returns, the positions of the
     nodes every input -> output path passes through (where the network can be cut), where the embedding is made)."""
     from torchvision.models import feature_extraction as fx
-    tracer = fx.NodePathTracer(**fx._set_default_tracer_kwargs(_tracer_kwargs(net)))
+    tracer = fx.NodePathTracer(**fx._set_default_tracer_kwargs(tracer_kwargs(net)))
     was_training = net.training
     try:
         graph = tracer.trace(net.eval())
@@ -454,15 +454,6 @@ def check_layers(net: nn.Module, layers) -> list:
             + f" {_label(net)}; its defaults are {', '.join(default_layers(net))}; a layer is a torchvision feature_"
             f"extraction node name or a module path (its last node); its {len(names)} nodes: {', '.join(shown)}")
     return layers
-
-
-def feature_extractor(net: nn.Module, layers) -> nn.Module:
-    """A module whose forward returns {layer: activations} for the layers (torchvision's fx extractor, with
-    timm's untraceable modules kept whole); spatial and token outputs are returned as they are."""
-    from torchvision.models.feature_extraction import create_feature_extractor
-    layers = check_layers(net, layers)
-    return create_feature_extractor(net, return_nodes={layer: layer for layer in layers},
-                                    tracer_kwargs=_tracer_kwargs(net) or None)
 
 
 # ---- Preprocessing: the weights' own normalisation, input size and resize filter. ----

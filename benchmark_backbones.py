@@ -52,7 +52,10 @@ def measure(name: str, mode: str = "extract", image_size: int = 224, batch_size:
     process, and its peak memory."""
     import torch
 
+    import contextlib
+
     import backbones
+    import features
     import models
     import runtime
     if threads:
@@ -66,7 +69,7 @@ def measure(name: str, mode: str = "extract", image_size: int = 224, batch_size:
     if mode == "extract":
         net = models.roi_backbone(name, "none").to(dev).eval()
         layers = backbones.default_layers(net)
-        model = backbones.feature_extractor(net, layers).eval()
+        model = contextlib.ExitStack().enter_context(features.feature_extractor(net, layers)).eval()  # one per process
     else:
         net = model = models.build_model("cl", n_voxels, "none", backbone=name).to(dev).train()
         layers = ()

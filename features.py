@@ -1,6 +1,8 @@
 """Backbones to features: batched extraction of a backbone's layers, external feature sets, the on-disk cache."""
 from __future__ import annotations
 
+import contextlib
+import gc
 import hashlib
 from pathlib import Path
 
@@ -21,12 +23,43 @@ import utils
 from backbones import ALEXNET_LAYERS
 
 
+COLLECT_ABOVE_PARAMS = 5_000_000  # feature_extractor: networks this large are freed from the tracer's cycles at once
+_FROZEN: list = []                # whether this process's older objects were moved out of the collector's view
+
+
+@contextlib.contextmanager
+def feature_extractor(net: nn.Module, layers):
+    """Context: a module whose forward returns {layer: activations} for the layers (torchvision's fx extractor,
+    with timm's untraceable modules kept whole); spatial and token outputs are returned as they are.
+
+    Tracing leaves reference cycles that hold the network, and Python's collector, triggered by allocation counts,
+    ran so rarely that a process reading one network after another (searches, results, predictions) held ~30 dead
+    AlexNets (8 GB, measured). So for a large network the collector runs on exit; the objects alive before the
+    first such extractor (libraries, data: ~460,000) are frozen first (gc.freeze), which makes each run ~0.2 s
+    cheaper. Small networks (tests) skip both."""
+    from torchvision.models.feature_extraction import create_feature_extractor
+    layers = backbones.check_layers(net, layers)
+    large = sum(p.numel() for p in net.parameters()) > COLLECT_ABOVE_PARAMS
+    if large and not _FROZEN:
+        gc.collect()
+        gc.freeze()
+        _FROZEN.append(True)
+    extractor = create_feature_extractor(net, return_nodes={layer: layer for layer in layers},
+                                         tracer_kwargs=backbones.tracer_kwargs(net) or None)
+    try:
+        yield extractor
+    finally:  # the extractor (its graphs hold it in cycles too) lets go of the network's modules and tensors
+        for table in (extractor._modules, extractor._parameters, extractor._buffers):
+            table.clear()
+        if large:
+            gc.collect()
+
+
 def feature_dims(backbone: nn.Module, layers=ALEXNET_LAYERS, image_size: int = 224) -> dict[str, int]:
     """Flattened feature size of each layer for image_size inputs (to preallocate feature arrays)."""
-    extractor = backbones.feature_extractor(backbone, layers).eval()
     device = next(backbone.parameters()).device
-    with torch.inference_mode():
-        out = extractor(torch.zeros(1, 3, image_size, image_size, device=device))
+    with feature_extractor(backbone, layers) as extractor, torch.inference_mode():
+        out = extractor.eval()(torch.zeros(1, 3, image_size, image_size, device=device))
     return {l: int(out[l][0].numel()) for l in layers}
 
 
@@ -38,12 +71,23 @@ def extract_features(backbone: nn.Module, images_uint8: np.ndarray, indices=None
     Rows follow the order of indices (all images if None). out: optional preallocated {layer: array}
     (e.g. np.memmap) to fill instead of allocating. The backbone is run in eval mode under inference_mode.
     """
-    from tqdm import tqdm
     indices = np.arange(len(images_uint8)) if indices is None else np.asarray(indices, dtype=np.int64)
     device = torch.device(device) if device is not None else next(backbone.parameters()).device
     was_training = backbone.training
     backbone = backbone.to(device).eval()
-    extractor = backbones.feature_extractor(backbone, layers).eval()
+    with feature_extractor(backbone, layers) as extractor:
+        out = _extract(extractor.eval(), backbone, images_uint8, indices, layers, batch_size, device, desc,
+                       channels_last, amp, out)
+    backbone.train(was_training)
+    if out is None:  # no images: empty arrays of the right width
+        dims = feature_dims(backbone, layers, images_uint8.shape[-1])
+        out = {l: np.empty((0, dims[l]), dtype=np.float32) for l in layers}
+    return out
+
+
+def _extract(extractor, backbone, images_uint8, indices, layers, batch_size, device, desc, channels_last, amp, out):
+    """extract_features' loop over batches with an open extractor."""
+    from tqdm import tqdm
     mean, std = models.normalisation(backbone)
     if channels_last:
         extractor = extractor.to(memory_format=torch.channels_last)
@@ -69,10 +113,6 @@ def extract_features(backbone: nn.Module, images_uint8: np.ndarray, indices=None
                 out[layer][positions] = values
             bar.update(len(positions))
     bar.close()
-    backbone.train(was_training)
-    if out is None:  # no images: empty arrays of the right width
-        dims = feature_dims(backbone, layers, images_uint8.shape[-1])
-        out = {l: np.empty((0, dims[l]), dtype=np.float32) for l in layers}
     return out
 
 

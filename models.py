@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import gc
 from pathlib import Path
 
 import numpy as np
@@ -44,10 +43,6 @@ def backbone_name(recorded) -> str:
 def roi_backbone(backbone: str = "alexnet", weights="DEFAULT", dropout: float | None = 0.5) -> nn.Module:
     """backbones.build, with `dropout` the p of the dropout layers that are on as built (AlexNet's classifier: two at
     0.5; the p = 0 ones of ViTs stay off), and its input preprocessing kept as net.preprocessing."""
-    # A network read through a feature extractor (a torch.fx graph: reference cycles) is freed only by the cyclic
-    # collector, which allocation counts rarely trigger: a process that builds one network after another (searches,
-    # results, predictions) held ~30 dead AlexNets, 8 GB, before this collection.
-    gc.collect()
     net = backbones.build(backbone, weights)
     for module in net.modules():
         if dropout is not None and isinstance(module, nn.Dropout) and module.p > 0:

@@ -11,6 +11,7 @@ import torch
 import torchvision
 
 import backbones
+import features
 import options
 
 
@@ -51,8 +52,8 @@ def _check_extraction(net, x, name: str, first: str, last_block: str) -> None:
     assert positions == sorted(positions) and len(set(positions)) == len(layers), (name, layers)
     assert (layers[0], layers[-2]) == (first, last_block) and 3 <= len(layers) <= 8, (name, layers)
     assert layers == backbones.default_layers(name)  # by name: the same from a throwaway random init
-    with torch.no_grad():
-        feats = backbones.feature_extractor(net, layers)(x)
+    with torch.no_grad(), features.feature_extractor(net, layers) as extractor:
+        feats = extractor(x)
     hooked, embedding = _hooked_outputs(net, layers, x)
     assert embedding.shape == (len(x), backbones.embed_dim(net)), name
     assert set(layers) - set(hooked) <= {layers[-1]}, name
@@ -97,9 +98,9 @@ def test_alexnet_is_the_paper_network():
                                         "classifier.2", "classifier.5", "classifier.6")
     assert backbones.embed_dim(net) == 1000 and {m.p for m in net.modules() if isinstance(m, torch.nn.Dropout)} == {0.3}
     x = _images(2, 64)
-    with torch.no_grad():
+    with torch.no_grad(), features.feature_extractor(net, ["classifier.6", "features.2"]) as extractor:
         logits = net.classifier(torch.flatten(net.avgpool(net.features(x)), 1))  # the 1000 logits, by hand
-        feats = backbones.feature_extractor(net, ["classifier.6", "features.2"])(x)
+        feats = extractor(x)
         assert logits.shape == (2, 1000) and torch.equal(net(x), logits)
         assert torch.equal(feats["classifier.6"], logits)
         assert torch.allclose(feats["features.2"], net.features[:3](x), atol=1e-6)
@@ -145,7 +146,7 @@ def test_one_line_errors(tmp_path, monkeypatch):
         return str(err.value)
 
     net = backbones.build("tiny-vit", "none")
-    message = one_line(backbones.feature_extractor, net, ["encoder.layers.encoder_layer_0", "encoder.layer_9"])
+    message = one_line(backbones.check_layers, net, ["encoder.layers.encoder_layer_0", "encoder.layer_9"])
     assert "['encoder.layer_9']: not layers of tiny-vit" in message and "heads.head" in message
     assert "not found" in one_line(backbones.build, "resnet18", str(tmp_path / "missing.pth"))
     torch.save({"foo": torch.zeros(2)}, tmp_path / "bad.pth")
