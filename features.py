@@ -287,13 +287,15 @@ def _extract_and_reduce(spec, todo: dict, image_sets, cache_dir, file_of, pca_fi
     temporary .npy files), then each wide layer's PCA (fitted on train, or the saved one) applied."""
     backbone = load_backbone(spec, device)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    raw = {}
+    raw, dims_at = {}, {}  # dims_at: image size -> every todo layer's width (traced once, not once per set)
     try:
         for name, (images, rows) in image_sets.items():
             layers = [layer for layer, names in todo.items() if name in names]
             if not layers:
                 continue
-            dims = feature_dims(backbone, layers, images.shape[-1])
+            if images.shape[-1] not in dims_at:
+                dims_at[images.shape[-1]] = feature_dims(backbone, list(todo), images.shape[-1])
+            dims = dims_at[images.shape[-1]]
             raw[name] = {layer: np.lib.format.open_memmap(
                 cache_dir / f".{layer}_{name}_raw.tmp.npy", mode="w+", dtype=np.float32,
                 shape=(len(rows), dims[layer])) for layer in layers}
